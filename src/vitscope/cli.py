@@ -1,0 +1,67 @@
+"""`vitscope` command line: one sub-command per module in ``vitscope.commands``.
+
+Each command module defines ``configure(parser)`` (its arguments) and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help). Modules are imported only when listed or run.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "capture": ("vitscope.commands.capture", "one forward pass over images; print a per-layer summary"),
+    "analyze": ("vitscope.commands.analyze", "run the whole analysis suite on models and write a report"),
+    "claims": ("vitscope.commands.claims", "evaluate the papers' claims on saved results"),
+    "report": ("vitscope.commands.report", "re-render the HTML report from saved results"),
+    "pretrain": ("vitscope.commands.pretrain", "pretrain a ViT: MoCo v3, SimMIM, MAE or the hybrid"),
+    "finetune": ("vitscope.commands.finetune", "fine-tune a pretrained encoder for classification"),
+    "demo": ("vitscope.commands.demo", "analyse the bundled models on Fashion-MNIST and print the verdict"),
+}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = argparse.ArgumentParser(prog="vitscope", description="What do Vision Transformers learn?")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, str] = {}
+    for name, (module_name, help_text) in _available().items():
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(command_parser)
+        modules[name] = module_name
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    module = importlib.import_module(modules[args.command])
+    try:
+        return int(module.run(args) or 0)
+    except CommandError as err:
+        print(f"vitscope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"vitscope {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`vitscope capture`: one forward pass per batch over real images, a per-layer summary printed."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from tqdm import tqdm
+
+from vitscope.capture import LayerOutput, make_capture
+from vitscope.data import SkipCounter, build_transform, make_loader, open_dataset
+from vitscope.models import load_model
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="timm:vit_tiny_patch16_224", help="model spec (default: %(default)s)")
+    parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+class LayerSummary:
+    """Running per-depth means of token norm and attention row entropy (a quick health check)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, float]] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
+
+    def __call__(self, layer: LayerOutput) -> None:
+        row = self.sums.setdefault(layer.depth, {"n": 0.0, "norm": 0.0, "entropy": 0.0})
+        batch = layer.tokens.shape[0]
+        row["n"] += batch
+        row["norm"] += layer.spatial_tokens.float().norm(dim=-1).mean(dim=1).sum().item()
+        self.shapes[layer.depth] = tuple(layer.tokens.shape[1:])
+        attn = layer.spatial_attn
+        if attn is not None:
+            p = attn.float()
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(1, 2))
+            row["entropy"] += entropy.sum().item()
+        else:
+            row["entropy"] = math.nan
+
+    def table(self) -> str:
+        lines = [f"{'depth':>5}  {'tokens x dim':>14}  {'token norm':>10}  {'attn entropy':>12}"]
+        for depth in sorted(self.sums):
+            row = self.sums[depth]
+            n = row["n"]
+            shape = "x".join(str(s) for s in self.shapes[depth])
+            lines.append(f"{depth:>5}  {shape:>14}  {row['norm'] / n:>10.3f}  {row['entropy'] / n:>12.3f}")
+        return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    capture = make_capture(model)
+    dataset = open_dataset(args.data, args.split, build_transform(model))
+    loader = make_loader(dataset, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed)
+    summary, skips = LayerSummary(), SkipCounter()
+    seen = 0
+    torch.manual_seed(args.seed)
+    for batch in tqdm(loader, desc="capture", unit="batch"):
+        skips.update(batch)
+        if len(batch.images):
+            capture.run(batch.images, summary)
+            seen += len(batch.images)
+    facts = capture.facts
+    print(f"model {args.model}: {facts.kind}, {facts.num_layers} layers, {facts.num_heads} heads, "
+          f"{facts.num_prefix_tokens} prefix tokens, patch {facts.patch_size[0]}x{facts.patch_size[1]}")
+    print(f"data {args.data} ({args.split}): {seen} images; {skips.report()}")
+    print(summary.table())
+    return 0
