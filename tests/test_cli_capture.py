@@ -9,7 +9,7 @@ from vitscope.cli import main
 
 def test_capture_cli_prints_every_layer_and_skips(tmp_path, capsys):
     make_folder(tmp_path / "images")
-    code = main(["capture", "--model", "timm:vit_tiny_patch16_224", "--data", f"folder:{tmp_path / 'images'}",
+    code = main(["capture", "--model", "random:vit_tiny_patch16_224", "--data", f"folder:{tmp_path / 'images'}",
                  "--num-images", "8", "--batch-size", "4"])
     out = capsys.readouterr().out
     assert code == 0
@@ -20,6 +20,6 @@ def test_capture_cli_prints_every_layer_and_skips(tmp_path, capsys):
 
 
 def test_capture_cli_bad_data_names_path(tmp_path, capsys):
-    code = main(["capture", "--model", "timm:vit_tiny_patch16_224", "--data", f"folder:{tmp_path / 'missing'}"])
+    code = main(["capture", "--model", "random:vit_tiny_patch16_224", "--data", f"folder:{tmp_path / 'missing'}"])
     assert code == 2
     assert "missing" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from vitscope.models import load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="timm:vit_tiny_patch16_224", help="model spec (default: %(default)s)")
+    parser.add_argument("--model", default="random:vit_tiny_patch16_224", help="model spec (default: %(default)s)")
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=["train", "test"])
     parser.add_argument("--num-images", type=int, default=64)
