@@ -35,7 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 __all__ = [
     "Batch", "SkipCounter", "ArrayImageDataset", "SafeImageFolder", "read_idx", "load_fashion_mnist",
     "open_dataset", "stratified_subset", "build_transform", "model_input_size", "make_loader",
-    "collate_skipping",
+    "collate_skipping", "collate_views",
 ]
 
 
@@ -292,3 +292,18 @@ def make_loader(dataset: Dataset, *, num_images: int | None = None, batch_size: 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=collate_skipping, generator=generator)
+
+
+def collate_views(items: list) -> list[Batch]:
+    """Collate samples whose image is a tuple of views (one per model pipeline) into a Batch per view.
+
+    Skipped files are carried on the first view's batch.
+    """
+    skipped = [(item.path, item.reason) for item in items if isinstance(item, _Skipped)]
+    good = [item for item in items if not isinstance(item, _Skipped)]
+    if not good:
+        return [Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)]
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    num_views = len(good[0][0])
+    return [Batch(torch.stack([views[v] for views, _ in good]), labels, skipped if v == 0 else [])
+            for v in range(num_views)]

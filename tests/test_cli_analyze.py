@@ -1,0 +1,92 @@
+"""`vitscope analyze` end to end: two tiny models on a tiny image set, every file, values = Python API."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tests.test_data import make_folder
+from vitscope.analysis import AnalysisConfig, analyze
+from vitscope.cli import main
+
+TINY = "random:vit_small_patch16_224?img_size=32&patch_size=8&embed_dim=32&depth=2&num_heads=4"
+MODELS = {"cl": TINY + "&seed=1", "mim": TINY + "&seed=2"}
+SMALL = dict(num_images=24, probe_train_images=24, noise_images=8, batch_size=8, probe_epochs=3,
+             tsne_classes=2, tsne_per_class=2)
+EXPECTED_METRICS = {"attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
+                    "effective_rank", "fourier_high", "residual_ratio_attn", "residual_ratio_mlp",
+                    "linear_probe_top1", "noise_drop", "cka"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    data = root / "images"
+    make_folder(data)  # 6 readable images in 2 classes, 2 unreadable files
+    for cls in ("cat", "dog"):  # more images so that both splits have some of each class
+        for i in range(3, 24):
+            (data / cls / f"{i}.jpg").write_bytes((data / cls / "1.jpg").read_bytes())
+    out = root / "out"
+    argv = ["analyze", "--data", f"folder:{data}", "--out", str(out), "--num-images", "24", "--probe-images", "24",
+            "--noise-images", "8", "--batch-size", "8", "--probe-epochs", "3", "--cl", "cl", "--mim", "mim"]
+    for label, spec in MODELS.items():
+        argv += ["--model", f"{label}={spec}"]
+    assert main(argv) == 0
+    return out, data
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_analyze_writes_every_file(run_dir):
+    out, _ = run_dir
+    for name in ("metrics.csv", "metrics.json", "arrays.npz", "claims.json", "report.html"):
+        assert (out / name).is_file(), name
+    rows = read_csv(out / "metrics.csv")
+    assert {"model", "metric", "layer", "head", "value"} <= set(rows[0])
+    assert {row["metric"] for row in rows} >= EXPECTED_METRICS
+    assert {row["model"] for row in rows} == {"cl", "mim"}
+    layers = {int(row["layer"]) for row in rows if row["metric"] == "token_cosine"}
+    assert layers == {0, 1, 2}  # layer 0 = patch embedding, blocks 1..L
+    cross = [row for row in rows if row["metric"] == "cka" and row["model"] == "cl" and row["other_model"] == "mim"]
+    assert len(cross) == 9  # 3 x 3 depths
+    meta = json.loads((out / "metrics.json").read_text())["meta"]
+    assert len(meta["skipped"]) == 2 and meta["models"]["cl"]["num_layers"] == 2
+    assert {"versions", "seed", "wall_time_s", "data", "num_images"} <= set(meta)
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {"attention_distance", "nmi", "linear_probe", "noise_robustness", "cka_cl_vs_mim"} <= figures
+    assert {p.stem for p in (out / "figures").glob("*.svg")} == figures
+    with np.load(out / "arrays.npz") as arrays:
+        assert arrays["cl/attention_maps"].shape == (2, 3, 4, 4)
+        assert arrays["example_image"].shape == (3, 32, 32)
+
+
+def test_analyze_csv_equals_python_api(run_dir):
+    out, data = run_dir
+    api = analyze(MODELS, f"folder:{data}", AnalysisConfig(**SMALL))
+    key = ("model", "metric", "layer", "head", "feature", "band", "freq", "index", "other_model", "other_layer")
+
+    def norm(value):
+        return "" if value is None else str(value)
+
+    expected = {tuple(norm(row.get(k)) for k in key): row["value"] for row in api.results.rows}
+    got = {tuple(row[k] for k in key): float(row["value"]) for row in read_csv(out / "metrics.csv")}
+    assert set(got) == set(expected)
+    for k, value in expected.items():
+        assert math.isclose(got[k], value, rel_tol=1e-6, abs_tol=1e-9), k
+
+
+def test_analyze_bad_inputs_name_the_problem(tmp_path, capsys):
+    assert main(["analyze", "--model", "x=nonsense", "--data", "fashion-mnist-subset", "--out", str(tmp_path)]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["analyze", "--model", f"a={TINY}", "--data", f"folder:{tmp_path / 'none'}",
+                 "--out", str(tmp_path)]) == 2
+    assert "none" in capsys.readouterr().err
+    assert main(["analyze", "--model", f"a={TINY}", "--data", "fashion-mnist-subset", "--metrics", "nmi,bogus",
+                 "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
