@@ -1,0 +1,307 @@
+"""Claims 1–7 on hand-made results: each one holding and failing, plus the control comparisons."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from fake_results import L, LOG_N, PROFILES, make_results, write_results_dir
+from vitscope.cli import main
+from vitscope.report import ClaimVerdict, Tolerance, evaluate_claims, format_claims_table, load_claims
+from vitscope.report.claims import FAILS, HOLDS, NOT_MEASURED, band_shares, change_centre
+from vitscope.report.series import ResultView, thirds
+
+LATE = slice(L - L // 3, L)    # blocks 5, 6 of 6 (list index 4, 5)
+EARLY = slice(0, L // 3)       # blocks 1, 2
+
+
+def late(model: str, metric: str, profile=None) -> float:
+    return float(np.mean((profile or PROFILES[model][metric])[LATE]))
+
+
+def verdicts(control: str | None = None, hybrid: str | None = None, **kwargs) -> dict[int, ClaimVerdict]:
+    results = make_results(**kwargs)
+    return {v.claim_id: v for v in evaluate_claims(results, "cl", "mim", control=control, hybrid=hybrid)}
+
+
+def test_thirds_are_first_and_last_third_of_blocks():
+    assert thirds(12) == ([1, 2, 3, 4], [9, 10, 11, 12])
+    assert thirds(6) == ([1, 2], [5, 6])
+    assert thirds(2) == ([1], [2])
+    assert thirds(1) == ([1], [1])
+
+
+def test_every_claim_holds_on_paper_like_results_with_the_numbers_behind_it():
+    v = verdicts(control="control", hybrid="hybrid")
+    assert [v[i].status for i in range(1, 8)] == [HOLDS] * 7
+    assert v[1].numbers["cl_late_attention_distance"] == pytest.approx(late("cl", "attention_distance"))
+    assert v[1].numbers["mim_late_attention_distance"] == pytest.approx(late("mim", "attention_distance"))
+    assert "late attention distance: CL cl 16.5 px vs MIM mim 5.2 px" in v[1].evidence
+    assert v[2].numbers["log_n"] == pytest.approx(math.log(16))
+    assert v[2].numbers["cl_late_nmi"] == pytest.approx(late("cl", "nmi"))
+    assert v[3].numbers["mim_late_effective_rank"] == pytest.approx(late("mim", "effective_rank"))
+    assert v[4].numbers["cl_late_fourier_high"] == pytest.approx(late("cl", "fourier_high"))
+    # probe accuracies are stored as fractions and reported in percent
+    assert v[5].numbers["cl_last_probe"] == pytest.approx(100 * PROFILES["cl"]["probe_cls"][-1])
+    assert v[5].numbers["mim_best_probe_layer"] == 1 + int(np.argmax(PROFILES["mim"]["probe_cls"]))
+    assert v[7].numbers["hybrid_early_attention_distance"] == pytest.approx(
+        np.mean(PROFILES["hybrid"]["attention_distance"][EARLY]))
+
+
+# -- 1 attention distance ---------------------------------------------------------------------------
+def test_distance_fails_when_mim_attends_more_globally():
+    swapped = {("cl", "attention_distance"): PROFILES["mim"]["attention_distance"],
+               ("mim", "attention_distance"): PROFILES["cl"]["attention_distance"]}
+    v = verdicts(overrides=swapped)[1]
+    assert v.status == FAILS
+    assert "reversed" in v.evidence
+
+
+def test_distance_difference_inside_the_stderr_margin_does_not_hold():
+    # stderr = 1% of the value: 5.20 vs 5.25 px is a 0.05 px difference, inside 2·sqrt(0.052² + 0.0525²)
+    close = [9.0, 8.0, 7.0, 6.0, 5.25, 5.25]
+    v = verdicts(overrides={("cl", "attention_distance"): close,
+                            ("mim", "attention_distance"): [9.0, 8.0, 7.0, 6.0, 5.2, 5.2]})[1]
+    assert v.status == FAILS
+    assert "within the stderr margin" in v.evidence
+
+
+def test_distance_notes_when_cl_is_indistinguishable_from_the_control():
+    v = verdicts(control="control", overrides={("cl", "attention_distance"): PROFILES["control"]["attention_distance"]})[1]
+    assert v.status == HOLDS  # still above MIM ...
+    assert "indistinguishable from the untrained control's 14.6 px" in v.evidence  # ... but no different from random
+
+
+def test_distance_not_measured_without_attention_rows():
+    v = verdicts(drop={("cl", "attention_distance")})[1]
+    assert v.status == NOT_MEASURED
+    assert "attention_distance not measured for CL cl" in v.evidence
+
+
+# -- 2 attention collapse ---------------------------------------------------------------------------
+def test_collapse_fails_when_cl_nmi_is_higher():
+    v = verdicts(overrides={("cl", "nmi"): [0.6] * L})[2]
+    assert v.status == FAILS
+    assert v.numbers["cl_late_nmi"] == pytest.approx(0.6)
+
+
+def test_low_nmi_with_entropy_near_log_n_is_near_uniform_not_collapse():
+    # 2.70 nats ≥ (1 − 0.05)·log 16 = 2.634: rows are nearly uniform even without a control
+    v = verdicts(overrides={("cl", "attention_entropy"): [2.70] * L})[2]
+    assert v.status == FAILS
+    assert v.evidence.startswith("near-uniform attention, not collapse")
+    assert (1 - Tolerance().rel) * LOG_N < 2.70
+
+
+def test_low_nmi_with_entropy_like_the_control_is_near_uniform_not_collapse():
+    # 2.0 nats is well below log N, but the untrained control shows the same entropy
+    v = verdicts(control="control", overrides={("cl", "attention_entropy"): [2.0] * L,
+                                               ("control", "attention_entropy"): [2.02] * L})[2]
+    assert v.status == FAILS
+    assert v.evidence.startswith("near-uniform attention, not collapse")
+    assert "untrained control 2.02 nats (indistinguishable)" in v.evidence
+
+
+def test_low_nmi_with_peaked_rows_unlike_the_control_is_collapse():
+    v = verdicts(control="control", overrides={("cl", "attention_entropy"): [2.0] * L})[2]
+    assert v.status == HOLDS
+    assert v.numbers["control_late_attention_entropy"] == pytest.approx(late("control", "attention_entropy"))
+    assert "(distinguishable)" in v.evidence
+
+
+def test_collapse_without_entropy_rows_says_it_cannot_tell():
+    v = verdicts(drop={("cl", "attention_entropy")})[2]
+    assert v.status == HOLDS  # NMI alone supports it, with the caveat spelled out
+    assert "cannot tell collapse from near-uniform attention" in v.evidence
+
+
+# -- 3 representation diversity ---------------------------------------------------------------------
+def test_diversity_fails_when_cl_tokens_are_more_diverse():
+    v = verdicts(overrides={("cl", "token_cosine"): [0.1] * (L)})[3]
+    assert v.status == FAILS
+    assert v.evidence.startswith("late token cosine of CL not above MIM")
+
+
+def test_diversity_fails_when_cl_effective_rank_is_higher():
+    v = verdicts(overrides={("cl", "effective_rank"): [14.0] * L})[3]
+    assert v.status == FAILS
+    assert v.evidence.startswith("late effective rank of MIM not above CL")
+    assert v.numbers["cl_late_effective_rank"] == pytest.approx(14.0)
+
+
+# -- 4 frequency ------------------------------------------------------------------------------------
+def test_band_shares_of_the_accuracy_drop():
+    shares = band_shares(np.array([0.2, -0.1, 0.1, 0.0, 0.3, 0.4]))
+    # positive drops [0.2, 0, 0.1, 0, 0.3, 0.4] sum to 1.0; lowest third = bands 0–1, highest = 4–5
+    assert shares == pytest.approx((0.2, 0.7))
+    assert band_shares(np.array([-0.1, 0.0, -0.2])) is None
+
+
+def test_frequency_fails_when_cl_keeps_more_high_frequencies():
+    v = verdicts(overrides={("cl", "fourier_high"): [-0.1] * L})[4]
+    assert v.status == FAILS
+    assert "high-frequency Δ log amplitude of MIM not above CL" in v.evidence
+
+
+def test_frequency_fails_when_noise_sensitivity_is_reversed():
+    swapped = {("cl", "noise_drop"): PROFILES["mim"]["noise_drop"], ("mim", "noise_drop"): PROFILES["cl"]["noise_drop"]}
+    v = verdicts(overrides=swapped)[4]
+    assert v.status == FAILS
+    assert v.evidence.startswith("CL is not hurt more by low-frequency noise")
+    expected_low = band_shares(np.array(PROFILES["mim"]["noise_drop"]))[0]
+    assert v.numbers["cl_noise_low_share"] == pytest.approx(expected_low)
+
+
+def test_frequency_without_noise_rows_rests_on_the_fourier_numbers():
+    v = verdicts(drop={("cl", "noise_drop"), ("mim", "noise_drop")})[4]
+    assert v.status == HOLDS
+    assert "noise robustness not measured" in v.evidence
+
+
+# -- 5 linear separability --------------------------------------------------------------------------
+def test_separability_fails_when_mim_probes_better_at_the_last_layer():
+    v = verdicts(overrides={("mim", "probe_cls"): [0.5, 0.6, 0.7, 0.8, 0.85, 0.9]})[5]
+    assert v.status == FAILS
+    assert v.evidence.startswith("CL's last layer is not more linearly separable than MIM's")
+
+
+def test_separability_fails_when_mim_best_layer_is_its_last():
+    v = verdicts(overrides={("mim", "probe_cls"): [0.40, 0.45, 0.50, 0.55, 0.60, 0.65]})[5]
+    assert v.status == FAILS
+    assert "MIM's best probe layer is its last" in v.evidence
+    assert v.numbers["mim_best_probe_layer"] == L
+
+
+def test_separability_fails_when_cl_is_within_two_points_of_the_untrained_control():
+    v = verdicts(control="control", overrides={("control", "probe_cls"): [0.3, 0.4, 0.5, 0.6, 0.7, 0.785]})[5]
+    assert v.status == FAILS
+    assert v.evidence.startswith("indistinguishable from the untrained control")
+    assert v.numbers["control_last_probe"] == pytest.approx(78.5)
+
+
+def test_separability_holds_when_cl_is_clearly_above_the_control():
+    v = verdicts(control="control", overrides={("control", "probe_cls"): [0.3, 0.4, 0.5, 0.6, 0.7, 0.77]})[5]
+    assert v.status == HOLDS  # 80.0 vs 77.0: 3 points > 2
+
+
+def test_separability_uses_gap_when_a_model_has_no_cls_probe():
+    results = make_results(drop={("cl", "linear_probe_top1")})
+    results.rows += [r for r in make_results(("cl",)).rows
+                     if r["metric"] == "linear_probe_top1" and r.get("feature") == "gap"]
+    v = {x.claim_id: x for x in evaluate_claims(results, "cl", "mim")}[5]
+    assert v.numbers["cl_last_probe"] == pytest.approx(100 * PROFILES["cl"]["probe_gap"][-1])
+    assert "(gap)" in v.evidence
+
+
+# -- 6 which layers matter --------------------------------------------------------------------------
+def _centre(depth_cosine: list[float]) -> float:
+    change = 1.0 - np.array(depth_cosine, dtype=np.float64)
+    return float(sum((i + 1) * c for i, c in enumerate(change)) / change.sum() / len(change))
+
+
+def test_change_centre_matches_a_hand_computed_weighted_mean():
+    view = ResultView(make_results(("cl", "mim")))
+    assert change_centre(view, "cl") == pytest.approx(_centre(PROFILES["cl"]["depth_cosine"]))
+    # cl: changes 0.05, 0.05, 0.1, 0.2, 0.3, 0.4 → Σ l·c = 0.05+0.1+0.3+0.8+1.5+2.4 = 5.15, Σ c = 1.1
+    assert change_centre(view, "cl") == pytest.approx(5.15 / 1.1 / 6)
+
+
+def test_layers_claim_fails_when_cl_changes_early():
+    v = verdicts(overrides={("cl", "depth_cosine"): PROFILES["mim"]["depth_cosine"],
+                            ("mim", "depth_cosine"): PROFILES["cl"]["depth_cosine"]})[6]
+    assert v.status == FAILS
+    assert "proxy" in v.evidence
+    assert v.numbers["cl_change_centre"] == pytest.approx(_centre(PROFILES["mim"]["depth_cosine"]))
+
+
+# -- 7 hybrid ---------------------------------------------------------------------------------------
+def test_hybrid_not_measured_without_a_hybrid_model():
+    assert verdicts()[7].status == NOT_MEASURED
+
+
+def test_hybrid_fails_when_it_does_not_beat_cl():
+    v = verdicts(hybrid="hybrid", overrides={("hybrid", "probe_cls"): [0.4, 0.5, 0.6, 0.7, 0.75, 0.78]})[7]
+    assert v.status == FAILS
+    assert v.evidence.startswith("the hybrid does not beat both in linear probing")
+
+
+def test_hybrid_fails_when_its_early_layers_look_like_cl():
+    v = verdicts(hybrid="hybrid", overrides={("hybrid", "attention_distance"): PROFILES["cl"]["attention_distance"]})[7]
+    assert v.status == FAILS
+    assert v.evidence.startswith("the hybrid's early layers are not closer to MIM")
+
+
+# -- API and command --------------------------------------------------------------------------------
+def test_unknown_label_lists_the_available_models():
+    with pytest.raises(KeyError, match="available: cl, mim, control, hybrid, resnet"):
+        evaluate_claims(make_results(), "moco", "mim")
+
+
+def test_claims_command_prints_the_table_and_writes_claims_json(tmp_path, capsys):
+    out = write_results_dir(tmp_path / "run", make_results(overrides={("cl", "attention_entropy"): [2.75] * L}),
+                            arrays={})
+    code = main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--control", "control", "--hybrid", "hybrid"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^ 2  does not hold +Attention collapse", printed, re.M)
+    assert "near-uniform attention, not collapse" in printed
+    saved = json.loads((out / "claims.json").read_text())
+    assert saved["roles"] == {"cl": "cl", "mim": "mim", "control": "control", "hybrid": "hybrid"}
+    assert [v["status"] for v in saved["verdicts"]] == [HOLDS, FAILS, HOLDS, HOLDS, HOLDS, HOLDS, HOLDS]
+    record = load_claims(out)
+    assert record.roles.control == "control"
+    assert record.verdicts[1].numbers["cl_late_attention_entropy"] == pytest.approx(2.75)
+    assert format_claims_table(record.verdicts) in printed
+
+
+def test_claims_command_errors_name_the_problem(tmp_path, capsys):
+    out = write_results_dir(tmp_path / "run", make_results(("cl", "mim")), arrays={})
+    assert main(["claims", str(out), "--cl", "moco", "--mim", "mim"]) == 2
+    assert "--cl 'moco' is not a model in these results; available: cl, mim" in capsys.readouterr().err
+    assert main(["claims", str(tmp_path / "missing"), "--cl", "cl", "--mim", "mim"]) == 2
+    assert "no such results directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["claims", str(tmp_path / "empty"), "--cl", "cl", "--mim", "mim"]) == 2
+    assert "no metrics.json or metrics.csv" in capsys.readouterr().err
+
+
+def test_malformed_claims_json_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "claims.json").write_text('{"roles": {}}')
+    with pytest.raises(ValueError, match="claims.json: not a vitscope claims file"):
+        load_claims(tmp_path)
+
+
+def test_nan_values_are_not_measurements(tmp_path):
+    results = make_results(("cl", "mim"))
+    for row in results.rows:
+        if row["model"] == "cl" and row["metric"] == "attention_distance" and row["layer"] == L:
+            row["value"] = float("nan")
+    results.save(tmp_path)  # NaN is written as an empty cell and read back as None
+    v = {x.claim_id: x for x in evaluate_claims(type(results).load(tmp_path), "cl", "mim")}[1]
+    assert v.numbers["cl_late_attention_distance"] == pytest.approx(PROFILES["cl"]["attention_distance"][L - 2])
+
+
+def test_layers_claim_says_when_cl_matches_the_control():
+    v = verdicts(control="control", overrides={("control", "depth_cosine"): PROFILES["cl"]["depth_cosine"]})[6]
+    assert v.status == HOLDS
+    centre = _centre(PROFILES["cl"]["depth_cosine"])
+    assert f"CL's centre {centre:.2f} indistinguishable from the untrained control's {centre:.2f}" in v.evidence
+    assert "differs from the untrained control's 0.51" in verdicts(control="control")[6].evidence
+
+
+def test_rel_tol_option_moves_the_near_uniform_threshold(tmp_path, capsys):
+    # late entropy 2.3 nats: below 0.95·log 16 = 2.63 (peaked), above 0.8·log 16 = 2.22 (near-uniform)
+    out = write_results_dir(tmp_path / "run", make_results(("cl", "mim"), overrides={("cl", "attention_entropy"): [2.3] * L}),
+                            arrays={})
+    assert main(["claims", str(out), "--cl", "cl", "--mim", "mim"]) == 0
+    assert load_claims(out).verdicts[1].status == HOLDS
+    assert main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--rel-tol", "0.2"]) == 0
+    record = load_claims(out)
+    assert record.verdicts[1].status == FAILS and record.tolerance.rel == 0.2
+    assert "near-uniform above 2.22" in record.verdicts[1].evidence
+    capsys.readouterr()
+    assert main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--rel-tol", "1.5"]) == 2
+    assert "--rel-tol must be in [0, 1)" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""Figures and the self-contained HTML report, rendered from hand-made results directories."""
+from __future__ import annotations
+
+import base64
+import math
+import re
+
+import numpy as np
+import pytest
+
+from fake_results import (GRID, HEAD_SPREAD, HEADS, L, PROFILES, cka_rows, make_arrays, make_results,
+                          rendered_report_dir, write_results_dir)
+from vitscope.cli import main
+from vitscope.report import SECTIONS, load_arrays, render_report
+from vitscope.report.figures import build_figures, fig_attention_maps, fig_cka, layer_curve, model_colors
+from vitscope.report.series import ResultView
+from vitscope.results import Results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VIT = ("cl", "mim", "control", "hybrid")
+EXPECTED_FIGURES = (
+    ["attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
+     "effective_rank", "fourier_high", "singular_values", "fourier_delta", "noise_robustness", "linear_probe",
+     "tsne", "cka_cl_vs_cl", "cka_cl_vs_resnet", "residual_ratio"]
+    + [f"attention_maps_{m}" for m in VIT]
+)
+ALL_SECTION_IDS = ["summary", "claims"] + [s.id for s in SECTIONS]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    return rendered_report_dir(tmp_path_factory)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_every_figure_is_written_as_png_and_svg(report_dir):
+    figures = report_dir / "figures"
+    assert sorted(p.stem for p in figures.glob("*.png")) == sorted(EXPECTED_FIGURES)
+    for key in EXPECTED_FIGURES:
+        width, height = png_size((figures / f"{key}.png").read_bytes())
+        assert width > 200 and height > 150
+        assert "<svg" in (figures / f"{key}.svg").read_text()[:2000]
+
+
+def test_report_has_every_section_and_embeds_every_figure(report_dir):
+    page = (report_dir / "report.html").read_text()
+    assert re.findall(r'<section id="([^"]+)"', page) == ALL_SECTION_IDS
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(sources) == len(EXPECTED_FIGURES)
+    embedded = {base64.b64decode(s) for s in sources}
+    on_disk = {(report_dir / "figures" / f"{k}.png").read_bytes() for k in EXPECTED_FIGURES}
+    assert embedded == on_disk
+    for section in SECTIONS:  # each analysis section explains how to read it and shows its figure
+        body = page.split(f'<section id="{section.id}">')[1].split("</section>")[0]
+        assert "How to read it." in body and "<img" in body and "Not measured" not in body
+
+
+def test_report_is_self_contained(report_dir):
+    page = (report_dir / "report.html").read_text()
+    assert not re.search(r"<(script|link|iframe)\b", page)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "url(" not in page
+
+
+def test_report_shows_the_run_summary_and_the_claims_table(report_dir):
+    page = (report_dir / "report.html").read_text()
+    summary = page.split('<section id="summary">')[1].split("</section>")[0]
+    for text in ("folder:/data/imagenette-val", "timm:resnet18", "torch 2.14.1", "12.5 s", "64",
+                 "/data/imagenette-val/broken.jpg", "attention metrics skipped for resnet: not a transformer"):
+        assert text in summary
+    claims = page.split('<section id="claims">')[1].split("</section>")[0]
+    assert claims.count('<span class="status holds">holds</span>') == 7
+    assert "late attention distance: CL cl 16.5 px vs MIM mim 5.2 px" in claims
+
+
+def test_attention_distance_figure_plots_layer_means_over_per_head_dots():
+    view = ResultView(make_results(("cl", "mim")))
+    (named,) = layer_curve(view, model_colors(view.models()), "attention_distance", "attention_distance",
+                           "attention-distance", "t", "y", heads=True)
+    ax = named.figure.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    np.testing.assert_allclose(lines["cl"].get_xdata(), np.arange(1, L + 1))
+    np.testing.assert_allclose(lines["cl"].get_ydata(), PROFILES["cl"]["attention_distance"])
+    dots = ax.collections[0].get_offsets()  # cl's heads come first; hand-made heads are mean ± spread
+    assert len(dots) == L * HEADS
+    per_layer = np.asarray(dots[:, 1]).reshape(L, HEADS)
+    np.testing.assert_allclose(per_layer.mean(axis=1), PROFILES["cl"]["attention_distance"])
+    np.testing.assert_allclose(per_layer.max(axis=1) - per_layer.min(axis=1), 2 * HEAD_SPREAD["attention_distance"])
+    assert [t.get_text() for t in named.figure.legends[0].get_texts()] == ["cl", "mim"]
+
+
+def test_entropy_figure_draws_log_n_and_models_keep_their_colour():
+    view = ResultView(make_results())
+    figures = {f.key: f for f in build_figures(view, {})}
+    entropy_ax = figures["attention_entropy"].figure.axes[0]
+    reference = [line for line in entropy_ax.lines if line.get_linestyle() == "--"]
+    assert len(reference) == 1 and reference[0].get_ydata()[0] == pytest.approx(math.log(16))
+    colors = model_colors(view.models())
+    for key in ("attention_distance", "token_cosine", "effective_rank"):
+        for line in figures[key].figure.axes[0].lines:
+            if line.get_label() in colors:
+                assert line.get_color() == colors[line.get_label()]
+
+
+def test_cka_heatmap_holds_the_hand_made_matrix():
+    view = ResultView(make_results(("cl", "resnet")))
+    figures = {f.key: f for f in fig_cka(view, {}, model_colors(view.models()))}
+    assert sorted(figures) == ["cka_cl_vs_cl", "cka_cl_vs_resnet"]
+    shown = figures["cka_cl_vs_resnet"].figure.axes[0].images[0].get_array()
+    expected = np.zeros((L + 1, 5))
+    for row in cka_rows("cl", "resnet", L, 4):
+        expected[row["layer"], row["other_layer"]] = row["value"]
+    np.testing.assert_allclose(np.asarray(shown), expected)
+
+
+def test_attention_maps_mosaic_puts_each_map_in_its_cell():
+    arrays = make_arrays(("cl",))
+    arrays.pop("example_image")  # without the image a cell is the colour-mapped map alone
+    view = ResultView(make_results(("cl",)))
+    (named,) = fig_attention_maps(view, arrays, model_colors(["cl"]))
+    mosaic = np.asarray(named.figure.axes[0].images[0].get_array())
+    cell = 16 * GRID[0]
+    pad = max(1, cell // 16)
+    maps = arrays["cl/attention_maps"]
+    block, query = 4, 2
+    top, left = query * (cell + pad), block * (cell + pad)
+    # the brightest patch of the map is the brightest (inferno: highest luminance) block of the cell
+    luminance = mosaic[top:top + cell, left:left + cell].sum(axis=-1)
+    r, c = np.unravel_index(np.argmax(luminance), luminance.shape)
+    assert (r // 16, c // 16) == np.unravel_index(np.argmax(maps[block, query]), GRID)
+    assert len(named.figure.axes[0].patches) == L * 3  # one query outline per cell
+
+
+def only(results: Results, *metrics: str) -> Results:
+    return Results([r for r in results.rows if r["metric"] in metrics], results.meta)
+
+
+def test_sections_without_data_say_not_measured_and_png_only(tmp_path):
+    results = only(make_results(("cl",), meta_models=False), "attention_distance", "token_cosine")
+    out = write_results_dir(tmp_path / "run", results, arrays={})
+    path = render_report(out, svg=False)
+    page = path.read_text()
+    for section in ("attention-maps", "tsne", "cka", "noise-robustness", "nmi", "linear-probe"):
+        body = page.split(f'<section id="{section}">')[1].split("</section>")[0]
+        assert "Not measured in this run." in body and "<img" not in body
+    assert re.findall(r'<section id="([^"]+)"', page) == ALL_SECTION_IDS
+    assert "Claims not evaluated" in page
+    assert not list((out / "figures").glob("*.svg"))
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["attention_distance.png", "token_cosine.png"]
+
+
+def test_report_evaluates_claims_from_roles_in_meta(tmp_path, monkeypatch):
+    monkeypatch.setattr("vitscope.report.build_figures", lambda view, arrays: [])  # the claims table is the point
+    results = make_results(("cl", "mim"), drop={("cl", "cka")})
+    results.meta["roles"] = {"cl": "cl", "mim": "mim"}
+    out = write_results_dir(tmp_path / "run", results, arrays={})
+    page = render_report(out, svg=False).read_text()
+    claims = page.split('<section id="claims">')[1].split("</section>")[0]
+    assert claims.count("status holds") == 6 and claims.count("status not-measured") == 1
+
+
+def test_report_command_and_its_errors(tmp_path, capsys):
+    out = write_results_dir(tmp_path / "run", only(make_results(("mim",)), "nmi"), arrays={})
+    assert main(["report", str(out), "--no-svg"]) == 0
+    assert (out / "figures" / "nmi.png").exists()
+    assert f"wrote {out / 'report.html'}" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such results directory" in capsys.readouterr().err
+    (out / "arrays.npz").write_bytes(b"not a zip file")
+    assert main(["report", str(out)]) == 2
+    assert "arrays.npz: cannot read arrays" in capsys.readouterr().err
+
+
+def test_load_arrays_roundtrip(tmp_path):
+    out = write_results_dir(tmp_path / "run", make_results(("cl",)), arrays=make_arrays(("cl",)))
+    arrays = load_arrays(out)
+    assert arrays["cl/attention_maps"].shape == (L, 3, *GRID)
+    np.testing.assert_allclose(arrays["cl/attention_maps"].sum(axis=(2, 3)), 1.0, rtol=1e-5)
+    assert load_arrays(tmp_path) == {}

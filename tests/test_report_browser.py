@@ -1,0 +1,82 @@
+"""report.html in headless Chromium: every section present and every embedded figure decoded."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fake_results import rendered_report_dir
+from vitscope.report import SECTIONS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+
+# After load, write what the browser sees into the DOM, where --dump-dom prints it.
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const summary = {
+    sections: Array.from(document.querySelectorAll('section[id]')).map(s => s.id),
+    images: images.length,
+    widths: images.map(i => (i.complete ? i.naturalWidth : 0)),
+    height: document.documentElement.scrollHeight,
+  };
+  const out = document.createElement('pre');
+  out.id = 'vitscope-probe';
+  out.textContent = JSON.stringify(summary);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+def png_width(data: bytes) -> int:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    return rendered_report_dir(tmp_path_factory)
+
+
+def test_every_section_and_image_renders_in_chromium(report_dir, tmp_path):
+    page = (report_dir / "report.html").read_text()
+    probed = tmp_path / "report_probe.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
+    result = chromium(tmp_path, "--dump-dom", probed.as_uri())
+    found = re.search(r'<pre id="vitscope-probe">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no probe output; chromium stderr: {result.stderr[-2000:]}"
+    summary = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert summary["sections"] == ["summary", "claims"] + [s.id for s in SECTIONS]
+    figures = sorted((report_dir / "figures").glob("*.png"))
+    assert summary["images"] == len(figures) > 0
+    # every image decoded, at the pixel width of the PNG embedded for it (in page order)
+    embedded = re.findall(r'<figure id="fig-([^"]+)">', page)
+    expected = [png_width((report_dir / "figures" / f"{key}.png").read_bytes()) for key in embedded]
+    assert summary["widths"] == expected
+    assert all(width > 0 for width in summary["widths"])
+
+
+def test_screenshot_of_the_report(report_dir, tmp_path):
+    shot = tmp_path / "report.png"
+    result = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400",
+                      (report_dir / "report.html").as_uri())
+    assert shot.exists(), f"no screenshot; chromium stderr: {result.stderr[-2000:]}"
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape == (2400, 1280, 3)
+    header = pixels[:60, :, :].mean(axis=(0, 1))  # the dark blue page header (#1f3b57)
+    np.testing.assert_allclose(header, [0x1F, 0x3B, 0x57], atol=25)
+    assert pixels.std() > 20  # text, tables and figures, not a blank page
