@@ -281,3 +281,26 @@ def test_bundled_none_shipped_message(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="available: none"):
         load_model("bundled:cl-tiny")
+
+
+def test_file_spec_reads_pretrain_encoder_json(tmp_path):
+    """`vitscope pretrain` writes encoder.json beside encoder.safetensors: file: needs no arch= then."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from vitscope.models import load_model
+
+    kwargs = {"img_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 0}
+    torch.manual_seed(3)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    save_file(model.state_dict(), str(tmp_path / "encoder.safetensors"))
+    (tmp_path / "encoder.json").write_text(json.dumps({"arch": "vit_tiny_patch16_224", "arch_kwargs": kwargs,
+                                                       "mean": [0.2, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}))
+    loaded = load_model(f"file:{tmp_path / 'encoder.safetensors'}")
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert tuple(loaded.pretrained_cfg["mean"]) == (0.2, 0.2, 0.2)

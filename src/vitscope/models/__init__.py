@@ -187,15 +187,37 @@ def _load_file(parsed: ModelSpec, path: Path, opts: dict[str, Any], strict: bool
                cfg_overlay: Mapping[str, Any] | None = None, source: str = "file") -> tuple[nn.Module, LoadReport]:
     _reject(parsed, opts, ("weights", "part"), f"{parsed.kind}: names the weights file")
     arch = opts.pop("arch", None)
+    sidecar = _encoder_card(path) if not arch else None  # `vitscope pretrain` writes encoder.json beside
+    if sidecar is not None:
+        arch, opts = sidecar["arch"], {**sidecar.get("arch_kwargs", {}), **opts}
+        overlay = {key: tuple(sidecar[key]) for key in ("mean", "std") if sidecar.get(key)}
+        cfg_overlay = {**overlay, **(cfg_overlay or {})}
     if not arch:
         raise ValueError(f"{parsed.text}: file:PATH needs arch=NAME, the timm model the weights belong to "
-                         "(e.g. file:weights.safetensors?arch=vit_small_patch16_224)")
+                         "(e.g. file:weights.safetensors?arch=vit_small_patch16_224), or an encoder.json "
+                         "beside it as `vitscope pretrain` writes")
     state = read_state_dict(path.expanduser())
     model_kwargs = {**_file_defaults(arch, state), **opts}
     report = LoadReport(spec=parsed.text, source=source, path=str(path), arch=arch, arch_kwargs=model_kwargs)
     model = create_timm_model(arch, model_kwargs, seed=seed, context=parsed.text, cfg_overlay=cfg_overlay)
     load_into(model, state, report, strict=strict)
     return model, report
+
+
+def _encoder_card(path: Path) -> dict[str, Any] | None:
+    """The ``encoder.json`` beside a weights file (``{arch, arch_kwargs, mean, std, ...}``), if any."""
+    import json
+
+    card_path = path.expanduser().with_name("encoder.json")
+    if not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{card_path}: not valid JSON ({err})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("arch"), str):
+        raise ValueError(f"{card_path}: needs an 'arch' entry (a timm model name)")
+    return card
 
 
 def _file_defaults(arch: str, state: Mapping[str, Tensor]) -> dict[str, Any]:
