@@ -225,6 +225,10 @@ def make_arrays(models: Iterable[str] = VIT_MODELS, seed: int = 0) -> dict[str, 
         arrays[f"{model}/tsne_points"] = (centres[labels] + rng.normal(size=(len(labels), 2))).astype(np.float32)
         arrays[f"{model}/tsne_labels"] = labels
         arrays[f"{model}/tsne_image_ids"] = image_ids
+        # spatial localisation: each last-block position peaks at its own input position (4 x 4 grid)
+        cells = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(-1, 2)
+        dist = np.linalg.norm(cells[:, None] - cells[None], axis=-1)
+        arrays[f"{model}/localisation"] = np.exp(-dist).reshape(16, 4, 4).astype(np.float32)
     return arrays
 
 

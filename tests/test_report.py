@@ -23,6 +23,7 @@ EXPECTED_FIGURES = (
      "effective_rank", "fourier_high", "singular_values", "fourier_delta", "noise_robustness", "linear_probe",
      "tsne", "cka_cl_vs_cl", "cka_cl_vs_resnet", "residual_ratio"]
     + [f"attention_maps_{m}" for m in VIT]
+    + [f"localisation_{m}" for m in VIT]
 )
 ALL_SECTION_IDS = ["summary", "claims"] + [s.id for s in SECTIONS]
 

@@ -366,9 +366,32 @@ def fig_noise(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> 
     return [NamedFigure("noise_robustness", "noise-robustness", "Noise robustness", fig)]
 
 
+def fig_localisation(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
+    """Raghu et al.'s spatial localisation: for a few last-block positions, CKA with every input position."""
+    models = [m for m in view.models() if f"{m}/localisation" in arrays]
+    if not models:
+        return []
+    figs = []
+    for model in models:
+        maps = np.asarray(arrays[f"{model}/localisation"], float)  # [N, h, w]
+        n, h, w = maps.shape
+        spots = [(h // 2, w // 2), (0, 0), (h - 1, w - 1), (0, w - 1), (h // 4, 3 * w // 4)]
+        fig, axes = _new(ncols=len(spots), width=2.2, height=2.6)
+        for ax, (r, c) in zip(np.ravel(axes), spots):
+            image = ax.imshow(maps[r * w + c], cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6))
+            ax.set_title(f"position ({r}, {c})", fontsize="small")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(image, ax=list(np.ravel(axes)), shrink=0.8, label="CKA with input patch")
+        fig.suptitle(f"Spatial localisation of {model}: last-block token vs every input position", color=colors[model])
+        figs.append(NamedFigure(f"localisation_{slug(model)}", "localisation", f"Spatial localisation of {model}", fig))
+    return figs
+
+
 FIGURE_BUILDERS: tuple[Callable[[ResultView, Arrays, Mapping[str, tuple]], list[NamedFigure]], ...] = (
     fig_layer_curves, fig_attention_maps, fig_singular_values, fig_fourier_delta, fig_noise, fig_probe,
-    fig_tsne, fig_cka, fig_residual,
+    fig_tsne, fig_cka, fig_residual, fig_localisation,
 )
 
 

@@ -76,6 +76,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("residual-ratio", "Residual connections",
             "Norm of the residual stream relative to the attention and MLP branch outputs, per block. Large ratios "
             "mean the skip connections carry most of the signal (Raghu et al.)."),
+    Section("localisation", "Spatial localisation",
+            "For a few token positions of the last block (red box), linear CKA over images with the input patch "
+            "embedding at every position. A model that keeps spatial information to the top shows a peak at the "
+            "token's own position (Raghu et al.: ViTs do, more so when trained with a CLS token than with global "
+            "pooling)."),
 )
 
 CSS = """
