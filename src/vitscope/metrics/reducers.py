@@ -1,0 +1,415 @@
+"""Every metric of :mod:`vitscope.metrics.functions`, streamed over a data set in one forward pass.
+
+Each reducer consumes :class:`~vitscope.capture.LayerOutput` s block by block (see
+:mod:`vitscope.metrics.stream`), reduces them to per-image values at once and keeps only running
+moments (count, mean, sum of squared deviations, merged per batch as in Chan et al.) on the
+device, in float64. Attention maps and tokens are dropped as soon as a block is reduced; nothing
+syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
+
+- ``attention_distance``, ``nmi``, ``attention_entropy``: per head (``head`` = 0..H−1) and per layer
+  (``head`` empty: the mean over heads), layers 1..L.
+- ``token_cosine``, ``effective_rank``, ``fourier_high``: layers 0..L (0 = patch embedding).
+- ``head_cosine``, ``residual_ratio_attn``, ``residual_ratio_mlp``: layers 1..L.
+- ``depth_cosine``: between depth l−1 and l, reported at layer l = 1..L.
+- curves for figures: ``fourier_delta`` (column ``freq``) and ``singular_values`` (column ``index``).
+
+``value`` is the mean over images, ``stderr`` its standard error (sample std / sqrt(n)), ``n`` the
+image count. Singular values and effective rank are per group of k images (SPEC), over the first
+``spectrum_groups`` groups only: their stderr is over groups, their ``n`` the images in them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vitscope.capture import Capture, LayerOutput, ModelFacts, ViTCapture, is_vision_transformer, make_capture
+from vitscope.data import Batch, SkipCounter
+from vitscope.metrics.functions import (
+    attention_distance,
+    depth_cosine_similarity,
+    effective_rank,
+    fourier_log_amplitude_diagonal,
+    head_cosine_similarity,
+    entropy_from_parts,
+    key_marginal,
+    mean_row_kl_to_uniform,
+    nmi_from_parts,
+    residual_ratio,
+    singular_values,
+    spatial_attention_for_reduction,
+    token_cosine_similarity,
+)
+from vitscope.metrics.stream import Reducer, run_reducers
+from vitscope.results import Results, Row, make_row
+
+__all__ = [
+    "SCALAR_METRICS",
+    "CURVE_METRICS",
+    "ALL_METRICS",
+    "RunningMoments",
+    "MomentsReducer",
+    "AttentionReducer",
+    "TokenCosineReducer",
+    "HeadCosineReducer",
+    "DepthCosineReducer",
+    "SpectrumReducer",
+    "FourierReducer",
+    "ResidualRatioReducer",
+    "metric_reducers",
+    "analyze_model",
+]
+
+SCALAR_METRICS = (
+    "attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
+    "effective_rank", "fourier_high", "residual_ratio_attn", "residual_ratio_mlp",
+)
+CURVE_METRICS = ("fourier_delta", "singular_values")
+ALL_METRICS = SCALAR_METRICS + CURVE_METRICS
+
+
+# ------------------------------------------------------------------------------------- moments
+class RunningMoments:
+    """Streaming mean and sum of squared deviations of per-sample values [n, *shape] (float64).
+
+    Batches are merged with Chan et al.'s pairwise update, which stays exact where
+    Σx² − n·mean² would cancel (a large mean with a small spread).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def update(self, values: Tensor) -> None:
+        values = values.detach()
+        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
+        batch = values.shape[0]
+        if batch == 0:
+            return
+        batch_mean = values.mean(dim=0)
+        batch_m2 = (values - batch_mean).square().sum(dim=0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = batch, batch_mean, batch_m2
+            return
+        total = self.count + batch
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (batch / total)
+        self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * batch / total)
+        self.count = total
+
+    def result(self) -> tuple[list, list | None]:
+        """(means, standard errors) as nested lists; standard errors are None below 2 samples."""
+        if self.mean is None or self.m2 is None:
+            raise RuntimeError("no values were added")
+        mean = self.mean.cpu().tolist()
+        if self.count < 2:
+            return mean, None
+        stderr = (self.m2 / (self.count - 1) / self.count).sqrt().cpu().tolist()
+        return mean, stderr
+
+
+@dataclass(frozen=True)
+class _Key:
+    metric: str
+    layer: int
+    column: str | None = None  # None: one value per sample; "head"/"freq"/"index": a vector per sample
+
+
+class MomentsReducer(Reducer):
+    """Base of the metric reducers: running moments per (metric, layer[, column]) and their rows.
+
+    Subclasses list the metric names they can emit in ``names`` and call :meth:`add` from
+    :meth:`update`; ``metrics`` restricts what they compute and report.
+    """
+
+    names: tuple[str, ...] = ()
+    images_per_sample: int = 1  # images behind one sample (k for per-group metrics)
+
+    def __init__(self, metrics: Iterable[str] | None = None) -> None:
+        wanted = set(self.names if metrics is None else metrics) & set(self.names)
+        if not wanted:
+            raise ValueError(f"{type(self).__name__} computes {self.names}; none of them was asked for")
+        self.wanted = wanted
+        self.moments: dict[_Key, RunningMoments] = {}
+
+    def wants(self, *names: str) -> bool:
+        return any(name in self.wanted for name in names)
+
+    def add(self, metric: str, layer: int, values: Tensor, column: str | None = None) -> None:
+        """Add per-sample ``values``: [B] (column None) or [B, K] (one value per column entry)."""
+        if metric not in self.wanted:
+            return
+        self.moments.setdefault(_Key(metric, layer, column), RunningMoments()).update(values)
+
+    def add_per_head(self, metric: str, layer: int, values: Tensor) -> None:
+        """Add [B, H] values: per head, and their mean over heads as the per-layer value."""
+        self.add(metric, layer, values, column="head")
+        self.add(metric, layer, values.mean(dim=-1))
+
+    def rows(self, model: str) -> list[Row]:
+        order = {name: i for i, name in enumerate(ALL_METRICS)}
+        keys = sorted(self.moments, key=lambda k: (order.get(k.metric, len(order)), k.metric, k.layer,
+                                                   k.column is not None))
+        rows: list[Row] = []
+        for key in keys:
+            moments = self.moments[key]
+            mean, stderr = moments.result()
+            n = moments.count * self.images_per_sample
+            if key.column is None:
+                rows.append(make_row(model, key.metric, key.layer, mean, stderr=stderr, n=n))
+                continue
+            for i, value in enumerate(mean):
+                err = None if stderr is None else stderr[i]
+                if key.column == "head":
+                    rows.append(make_row(model, key.metric, key.layer, value, head=i, stderr=err, n=n))
+                else:
+                    rows.append(make_row(model, key.metric, key.layer, value, stderr=err, n=n,
+                                         **{key.column: i}))
+        return rows
+
+
+# ------------------------------------------------------------------------------------ reducers
+class AttentionReducer(MomentsReducer):
+    """attention_distance, nmi and attention_entropy from one spatial attention per block.
+
+    Ã is built once per block (renormalised, contiguous, float32) and shared by the three metrics;
+    the mean row KL to uniform (log N − entropy) is computed once for both NMI and entropy.
+    """
+
+    names = ("attention_distance", "nmi", "attention_entropy")
+
+    def update(self, layer: LayerOutput) -> None:
+        if layer.attn is None:
+            return
+        probs = spatial_attention_for_reduction(layer.attn, layer.num_prefix_tokens)
+        if self.wants("attention_distance"):
+            self.add_per_head("attention_distance", layer.depth,
+                              attention_distance(probs, layer.grid, layer.patch_size))
+        if self.wants("nmi", "attention_entropy"):
+            row_kl = mean_row_kl_to_uniform(probs)
+            self.add_per_head("attention_entropy", layer.depth, entropy_from_parts(row_kl, probs.shape[-1]))
+            if self.wants("nmi"):
+                self.add_per_head("nmi", layer.depth, nmi_from_parts(row_kl, key_marginal(probs)))
+        del probs
+
+
+class TokenCosineReducer(MomentsReducer):
+    """token_cosine: mean cosine between distinct spatial tokens of an image, depths 0..L."""
+
+    names = ("token_cosine",)
+
+    def update(self, layer: LayerOutput) -> None:
+        if layer.spatial_tokens.shape[1] >= 2:
+            self.add("token_cosine", layer.depth, token_cosine_similarity(layer.spatial_tokens))
+
+
+class HeadCosineReducer(MomentsReducer):
+    """head_cosine: per token, mean cosine between distinct heads' outputs Ã_h·V_h; blocks 1..L."""
+
+    names = ("head_cosine",)
+
+    def update(self, layer: LayerOutput) -> None:
+        heads = layer.spatial_head_outputs
+        if heads is not None and heads.shape[1] >= 2:
+            self.add("head_cosine", layer.depth, head_cosine_similarity(heads))
+
+
+class DepthCosineReducer(MomentsReducer):
+    """depth_cosine: cosine of the same spatial token at depth l−1 and l, reported at l.
+
+    Holds a reference to the previous depth's tokens only until the next depth arrives (they are
+    the next block's input, so this costs no extra memory).
+    """
+
+    names = ("depth_cosine",)
+
+    def __init__(self, metrics: Iterable[str] | None = None) -> None:
+        super().__init__(metrics)
+        self._previous: tuple[int, Tensor] | None = None
+
+    def begin_batch(self, images: Tensor, labels: Tensor) -> None:
+        self._previous = None
+
+    def update(self, layer: LayerOutput) -> None:
+        tokens = layer.spatial_tokens
+        if self._previous is not None and self._previous[0] == layer.depth - 1:
+            previous = self._previous[1]
+            if previous.shape == tokens.shape:
+                self.add("depth_cosine", layer.depth, depth_cosine_similarity(previous, tokens))
+        self._previous = (layer.depth, tokens.detach())
+
+    def end_batch(self) -> None:
+        self._previous = None
+
+
+class SpectrumReducer(MomentsReducer):
+    """singular_values and effective_rank of the first ``max_groups`` groups of k consecutive images.
+
+    Groups follow the data order across batches: an incomplete group's images (fewer than k) are
+    kept per depth and completed by the next batch, so the result does not depend on the batch
+    size. Once ``max_groups`` groups are done, the reducer costs nothing more.
+    """
+
+    names = ("effective_rank", "singular_values")
+
+    def __init__(self, metrics: Iterable[str] | None = None, *, images_per_group: int = 2,
+                 max_groups: int | None = 2) -> None:
+        super().__init__(metrics)
+        if images_per_group < 1:
+            raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
+        if max_groups is not None and max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1 or None, got {max_groups}")
+        self.images_per_group = images_per_group
+        self.images_per_sample = images_per_group
+        self.max_groups = max_groups
+        self._groups_done: dict[int, int] = {}
+        self._pending: dict[int, Tensor] = {}
+
+    def update(self, layer: LayerOutput) -> None:
+        k = self.images_per_group
+        done = self._groups_done.get(layer.depth, 0)
+        pending = self._pending.pop(layer.depth, None)
+        held = 0 if pending is None else pending.shape[0]
+        tokens = layer.spatial_tokens.detach()
+        if self.max_groups is not None:
+            if done >= self.max_groups:
+                return
+            tokens = tokens[: (self.max_groups - done) * k - held]
+        if pending is not None:
+            tokens = torch.cat([pending, tokens.to(pending.dtype)])
+        complete = tokens.shape[0] // k * k
+        if complete:
+            spectra = singular_values(tokens[:complete], k)  # [G, min(k·N, C)]
+            self.add("singular_values", layer.depth, spectra, column="index")
+            self.add("effective_rank", layer.depth, effective_rank(spectra))
+            self._groups_done[layer.depth] = done + complete // k
+        if complete < tokens.shape[0]:
+            self._pending[layer.depth] = tokens[complete:].clone()
+
+
+class FourierReducer(MomentsReducer):
+    """fourier_delta (curve over ``freq``) and fourier_high (its last value), depths 0..L.
+
+    Per image: log amplitude along the diagonal, mean over channels, minus its zero-frequency
+    value; the mean over images of these curves is SPEC's curve (the operations after the log are
+    linear), and their spread gives the standard errors.
+    """
+
+    names = ("fourier_high", "fourier_delta")
+
+    def update(self, layer: LayerOutput) -> None:
+        curves = fourier_log_amplitude_diagonal(layer.spatial_tokens, layer.grid)  # [B, m]
+        delta = curves - curves[:, :1]
+        self.add("fourier_delta", layer.depth, delta, column="freq")
+        self.add("fourier_high", layer.depth, delta[:, -1])
+
+
+class ResidualRatioReducer(MomentsReducer):
+    """residual_ratio_attn = ‖stream in‖/‖attention branch‖, residual_ratio_mlp = ‖stream mid‖/‖MLP branch‖."""
+
+    names = ("residual_ratio_attn", "residual_ratio_mlp")
+
+    def update(self, layer: LayerOutput) -> None:
+        if layer.stream_in is None or layer.attn_branch is None or layer.mlp_branch is None:
+            return
+        if self.wants("residual_ratio_attn"):
+            self.add("residual_ratio_attn", layer.depth, residual_ratio(layer.stream_in, layer.attn_branch))
+        if self.wants("residual_ratio_mlp"):
+            stream_mid = layer.stream_mid()
+            assert stream_mid is not None
+            self.add("residual_ratio_mlp", layer.depth, residual_ratio(stream_mid, layer.mlp_branch))
+
+
+_FAMILIES: tuple[type[MomentsReducer], ...] = (
+    AttentionReducer, TokenCosineReducer, HeadCosineReducer, DepthCosineReducer, SpectrumReducer,
+    FourierReducer, ResidualRatioReducer,
+)
+_TRANSFORMER_ONLY = (AttentionReducer, HeadCosineReducer, ResidualRatioReducer)
+
+
+def _check_metrics(metrics: Iterable[str] | None) -> set[str]:
+    if metrics is None:
+        return set(ALL_METRICS)
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a list of names, not the string {metrics!r}")
+    asked = set(metrics)
+    unknown = sorted(asked - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    return asked
+
+
+def metric_reducers(facts: ModelFacts, metrics: Iterable[str] | None = None, *, images_per_group: int = 2,
+                    spectrum_groups: int | None = 2) -> list[Reducer]:
+    """The reducers that compute ``metrics`` (default: all of :data:`ALL_METRICS`) for a model.
+
+    Attention, head and residual metrics are left out for models without transformer blocks.
+    Add other reducers (probes, CKA) to the returned list to share the same forward pass.
+    """
+    asked = _check_metrics(metrics)
+    reducers: list[Reducer] = []
+    for family in _FAMILIES:
+        names = asked & set(family.names)
+        if not names or (facts.kind != "vit" and family in _TRANSFORMER_ONLY):
+            continue
+        if family is SpectrumReducer:
+            reducers.append(SpectrumReducer(names, images_per_group=images_per_group, max_groups=spectrum_groups))
+        else:
+            reducers.append(family(names))
+    return reducers
+
+
+def _capture_for(model: nn.Module, asked: set[str]) -> Capture:
+    if not is_vision_transformer(model):
+        return make_capture(model)
+    attention = bool(asked & {"attention_distance", "nmi", "attention_entropy", "head_cosine"})
+    branches = bool(asked & {"residual_ratio_attn", "residual_ratio_mlp"})
+    return ViTCapture(model, attention=attention, branches=branches)
+
+
+def _as_batches(loader: Iterable) -> Iterable[Batch]:
+    """Accept :class:`Batch` es, (images, labels) pairs or bare image tensors."""
+    for item in loader:
+        if isinstance(item, Batch):
+            yield item
+        elif isinstance(item, Tensor):
+            yield Batch(item, torch.full((len(item),), -1, dtype=torch.long))
+        elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
+            yield Batch(item[0], torch.as_tensor(item[1]))
+        else:
+            raise TypeError(f"loader yielded {type(item).__name__}; expected Batch, (images, labels) or a tensor")
+
+
+def analyze_model(model: nn.Module, loader: Iterable, *, label: str, metrics: Sequence[str] | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  images_per_group: int = 2, spectrum_groups: int | None = 2,
+                  extra_reducers: Sequence[Reducer] = (), progress: str | None = "metrics") -> Results:
+    """All asked metrics of ``model`` over ``loader`` in one forward pass per batch.
+
+    Args:
+        model: a timm-style ViT (or a CNN: token metrics only); put in eval mode and moved to ``device``.
+        loader: yields :class:`~vitscope.data.Batch` (``make_loader``), (images, labels) or tensors.
+        label: the ``model`` column of the rows.
+        metrics: names from :data:`ALL_METRICS`; default all.
+        dtype: autocast dtype on CUDA (bf16/fp16); reductions still run in float32.
+        extra_reducers: more reducers (probes, CKA) fed by the same pass; their rows are appended.
+    """
+    asked = _check_metrics(metrics)
+    model = model.to(device).eval()
+    capture = _capture_for(model, asked)
+    reducers = metric_reducers(capture.facts, asked, images_per_group=images_per_group,
+                               spectrum_groups=spectrum_groups) + list(extra_reducers)
+    skips = SkipCounter()
+    seen = run_reducers(capture, _as_batches(loader), reducers, device=device, dtype=dtype, skips=skips,
+                        progress=progress)
+    if seen == 0:
+        raise ValueError(f"{label}: the loader yielded no images ({skips.report()})")
+    results = Results(meta={"models": [label], "images": {label: seen}, "skipped": {label: skips.count},
+                            "metrics": [m for m in ALL_METRICS if m in asked],
+                            "images_per_group": images_per_group, "spectrum_groups": spectrum_groups})
+    for reducer in reducers:
+        results.extend(reducer.rows(label))
+    return results
