@@ -1,14 +1,70 @@
-"""`vitscope demo`: capture over real Fashion-MNIST images and print a per-layer summary."""
+"""`vitscope demo`: the papers' analyses on the bundled CL / MIM / hybrid models and an untrained control.
+
+Analyses ``bundled:moco``, ``bundled:simmim``, ``bundled:mae``, ``bundled:hybrid`` and ``random`` (the same
+architecture, untrained) on Fashion-MNIST test images, writes ``runs/demo/`` (metrics, figures,
+report.html), prints the per-layer linear probes and the claims verdict (CL = moco, MIM = simmim).
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from vitscope.commands import capture
+from vitscope import bundled
+from vitscope.analysis import AnalysisConfig, analyze
+from vitscope.cli import CommandError
+from vitscope.commands.analyze import finish_report, save_output
+from vitscope.results import Results
+
+BUNDLED_NAMES = ("moco", "simmim", "mae", "hybrid")
+ROLES = {"cl": "moco", "mim": "simmim", "control": "random", "hybrid": "hybrid"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    capture.configure(parser)
+    parser.add_argument("--out", default="runs/demo", help="results directory (default: %(default)s)")
+    parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
+    parser.add_argument("--num-images", type=int, default=500, help="test images (default: %(default)s)")
+    parser.add_argument("--probe-images", type=int, default=2000, help="probe train images (default: %(default)s)")
+    parser.add_argument("--noise-images", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=125)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def demo_models() -> dict[str, str]:
+    """label -> spec: the bundled models and an untrained control of their architecture."""
+    missing = [name for name in BUNDLED_NAMES if name not in bundled.available()]
+    if missing:
+        raise CommandError(f"bundled models missing: {', '.join(missing)} (looked in {bundled.BUNDLED_DIR}); "
+                           "train them with scripts/train_bundled.sh")
+    card = bundled.find("moco")
+    options = "&".join(f"{key}={value}" for key, value in card.arch_kwargs.items())
+    models = {name: f"bundled:{name}" for name in BUNDLED_NAMES}
+    models["random"] = f"random:{card.arch}?{options}&seed=0"
+    return models
+
+
+def probe_table(results: Results, labels: list[str]) -> str:
+    """Per-layer linear-probe top-1 of every model (CLS features where the model has them)."""
+    depths = sorted({row["layer"] for row in results.select(metric="linear_probe_top1")})
+    lines = ["linear probe top-1 (%) per layer, cls token:", "model    " + "".join(f"{d:>7}" for d in depths)]
+    for label in labels:
+        values = {row["layer"]: row["value"] for row in results.select(metric="linear_probe_top1", model=label,
+                                                                       feature="cls")}
+        lines.append(f"{label:<9}" + "".join(f"{values.get(d, float('nan')):>7.1f}" for d in depths))
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    return capture.run(args)
+    models = demo_models()
+    config = AnalysisConfig(num_images=args.num_images, probe_train_images=args.probe_images,
+                            noise_images=args.noise_images, batch_size=args.batch_size, device=args.device,
+                            seed=args.seed)
+    out_dir = Path(args.out)
+    output = analyze(models, args.data, config)
+    output.results.meta["roles"] = ROLES
+    save_output(output, out_dir)
+    print(probe_table(output.results, list(models)))
+    print(f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "
+          f"in {output.results.meta['wall_time_s']:.0f} s")
+    finish_report(out_dir, ROLES, render=True)
+    return 0
