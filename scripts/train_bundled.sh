@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the bundled models from scratch with `vitscope pretrain` only, then package them.
-#   scripts/train_bundled.sh [STEPS] [OUT_DIR]
+#   scripts/train_bundled.sh [STEPS] [OUT_DIR]      (PACKAGE=0: train only, package later)
 # Same architecture and budget (steps x batch) for every objective. Three processes at a time, one
 # thread each (this machine has 2 cores; the cheap MIM runs share one). A killed run continues where it stopped: the script passes
 # --resume when a run directory already holds a checkpoint.
@@ -31,4 +31,4 @@ train moco --method moco &
 train hybrid --method hybrid --mim simmim --cl-weight 0.2 &
 (train simmim --method simmim; train mae --method mae) &
 wait
-.venv/bin/python scripts/package_bundled.py "$OUT"
+[ "${PACKAGE:-1}" = 1 ] && .venv/bin/python scripts/package_bundled.py "$OUT"
