@@ -305,3 +305,13 @@ def test_rel_tol_option_moves_the_near_uniform_threshold(tmp_path, capsys):
     capsys.readouterr()
     assert main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--rel-tol", "1.5"]) == 2
     assert "--rel-tol must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_tiny_difference_is_not_a_difference_even_with_tiny_stderr():
+    """14.2 px vs 14.1 px with stderr 0.01 is within the 5 % relative margin: neither greater nor different."""
+    from vitscope.report.claims import Estimate, Tolerance, greater, indistinguishable
+
+    tol = Tolerance()
+    a, b = Estimate(14.2, 0.01), Estimate(14.1, 0.01)
+    assert not greater(a, b, tol) and indistinguishable(a, b, tol)
+    assert greater(Estimate(16.5, 0.01), b, tol) and not indistinguishable(Estimate(16.5, 0.01), b, tol)
