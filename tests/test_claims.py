@@ -66,7 +66,7 @@ def test_distance_difference_inside_the_stderr_margin_does_not_hold():
     v = verdicts(overrides={("cl", "attention_distance"): close,
                             ("mim", "attention_distance"): [9.0, 8.0, 7.0, 6.0, 5.2, 5.2]})[1]
     assert v.status == FAILS
-    assert "within the stderr margin" in v.evidence
+    assert "within the stderr / relative margin" in v.evidence
 
 
 def test_distance_notes_when_cl_is_indistinguishable_from_the_control():
