@@ -46,6 +46,8 @@ class AnalysisConfig:
         num_images: test images for the metrics, CKA and probe scoring (class-stratified, seeded).
         probe_train_images: train images for the linear probes.
         noise_images: test images scored under noise (a subset of the test images).
+        noise_relative_norm: noise L2 norm per image as a root-mean-square per input value, in the
+            model's normalised input space (0.5 ≈ 0.25 of the pixel range for mean/std 0.5 inputs).
         analyses: names from :data:`ALL_ANALYSES`; None = all.
     """
 
@@ -57,7 +59,7 @@ class AnalysisConfig:
     seed: int = 0
     analyses: Sequence[str] | None = None
     noise_bands: int = 5
-    noise_relative_norm: float = 0.1
+    noise_relative_norm: float = 0.5
     probe_epochs: int = 100
     tsne_classes: int = 4
     tsne_per_class: int = 4

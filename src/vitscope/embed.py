@@ -26,6 +26,7 @@ from vitscope.data import Batch
 from vitscope.metrics.cka import CKAAccumulator
 from vitscope.metrics.stream import Reducer, run_reducers
 from vitscope.results import Row, make_row
+from vitscope.runtime import single_threaded
 
 __all__ = ["pick_examples", "spatial_tokens_at", "token_tsne", "svd_projection", "SpatialLocalisation",
            "spatial_localisation"]
@@ -93,7 +94,8 @@ def token_tsne(capture: Capture, images: Tensor, labels: Tensor | np.ndarray, de
         raise ValueError(f"perplexity {perplexity} must be below the number of tokens {len(flat)}")
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", max_iter=max_iter,
                 random_state=seed, method=method)
-    points = tsne.fit_transform(flat).astype(np.float32)
+    with single_threaded():  # a few hundred points: threads only spin (4x slower on a busy 2-core machine)
+        points = tsne.fit_transform(flat).astype(np.float32)
     return {"points": points, **_token_index(b, n, labels)}
 
 

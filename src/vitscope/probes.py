@@ -16,6 +16,8 @@ Steps:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from vitscope.capture import Capture, LayerOutput, make_capture
 from vitscope.metrics.stream import Reducer
 from vitscope.results import Row, make_row
+from vitscope.runtime import single_threaded
 
 __all__ = ["FeatureBank", "ProbeConfig", "LinearProbes", "ProbeClassifier", "fit_linear_probes", "linear_probe",
            "probe_rows"]
@@ -212,6 +215,21 @@ def fit_linear_probes(train_feats: Tensor, train_labels: Tensor, *, num_classes:
     steps_per_epoch = math.ceil(n / batch)
     total = config.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(config.seed)
+    with single_threaded() if device.type == "cpu" else nullcontext():
+        _train_probes(x, labels, weight, bias, optimizer, config, batch, total, generator, progress)
+    probes = LinearProbes(list(depths) if depths is not None else list(range(num_layers)),
+                          mean, std, weight.detach(), bias.detach())
+    probes.train_top1 = probes.top1(feats, labels)
+    return probes
+
+
+def _train_probes(x: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, optimizer: torch.optim.Optimizer,
+                  config: ProbeConfig, batch: int, total: int, generator: torch.Generator,
+                  progress: str | None) -> None:
+    """Minibatch AdamW with cosine decay over ``total`` steps; all layers in one batched matmul."""
+    num_layers, n, _ = x.shape
+    num_classes = weight.shape[-1]
+    device = x.device
     step = 0
     for _ in tqdm(range(config.epochs), desc=progress, disable=progress is None, leave=False):
         order = torch.randperm(n, generator=generator).to(device)
@@ -226,10 +244,6 @@ def fit_linear_probes(train_feats: Tensor, train_labels: Tensor, *, num_classes:
             loss.backward()
             optimizer.step()
             step += 1
-    probes = LinearProbes(list(depths) if depths is not None else list(range(num_layers)),
-                          mean, std, weight.detach(), bias.detach())
-    probes.train_top1 = probes.top1(feats, labels)
-    return probes
 
 
 # ------------------------------------------------------------------------------------- reports

@@ -22,6 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-images", type=int, default=2000,
                         help="train images for the linear probes (default: %(default)s)")
     parser.add_argument("--noise-images", type=int, default=256, help="test images scored under noise")
+    parser.add_argument("--noise-norm", type=float, default=0.5,
+                        help="noise RMS per input value in the model's normalised input space (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--metrics", default=None,
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config = AnalysisConfig(num_images=args.num_images, probe_train_images=args.probe_images,
                             noise_images=args.noise_images, batch_size=args.batch_size, device=args.device,
                             seed=args.seed, analyses=analyses, probe_epochs=args.probe_epochs,
-                            num_workers=args.workers)
+                            num_workers=args.workers, noise_relative_norm=args.noise_norm)
     config.wanted()  # unknown analysis names fail before any model is loaded
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
