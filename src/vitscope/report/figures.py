@@ -117,7 +117,7 @@ def _log_n_lines(view: ResultView) -> Callable:
     def draw(ax, models: list[str]) -> None:
         for n in sorted({view.num_spatial_tokens(m) for m in models} - {None}):
             ax.axhline(math.log(n), linestyle="--", color="0.3", linewidth=1.2,
-                       label=f"log N = {math.log(n):.2f} (uniform attention, N = {n})", zorder=2)
+                       label=f"log {n} = {math.log(n):.2f}\n(uniform)", zorder=2)
     return draw
 
 
