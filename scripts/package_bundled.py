@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -76,8 +77,12 @@ def last_log_line(log: Path) -> dict:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{torch.get_num_threads()}-thread CPU ({cpu}, {platform.system()}), torch {torch.__version__}"
+    """Where the training script runs: this machine's CPU, one thread per run, three runs at a time."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
+        else platform.machine()
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; one thread per training run "
+            f"(OMP_NUM_THREADS=1), three runs at a time (scripts/train_bundled.sh); torch {torch.__version__}")
 
 
 def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], command: str) -> dict:
@@ -97,7 +102,8 @@ def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], comma
         "steps": info.get("step"),
         "images_seen": info.get("images_seen"),
         "wall_time_s": round(walls.get(name, float("nan")), 1),
-        "hardware": info.get("hardware") or hardware(),
+        "wall_time_note": "while sharing the 2 cores with the other training runs of the script",
+        "hardware": hardware(),
         "final_loss": final.get("loss"),
         "final_log": final,
         "data": "Fashion-MNIST train split (60,000 images, 28x28 grayscale expanded to 3 channels)",
