@@ -35,5 +35,10 @@ test: setup
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
+# Retrain the bundled models from scratch (vitscope pretrain only; resumable), then package them.
+STEPS ?= 300
+retrain-bundled: setup
+	scripts/train_bundled.sh $(STEPS)
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
