@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import tiny_vit
 from vitscope.data import (
-    SafeImageFolder, SkipCounter, build_transform, load_fashion_mnist, make_loader, open_dataset, read_idx,
+    SafeImageFolder, SkipCounter, build_transform, make_loader, open_dataset, read_idx,
     stratified_subset,
 )
 

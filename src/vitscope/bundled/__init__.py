@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundledModel", "available", "find", "BUNDLED_DIR"]
+__all__ = ["BundledModel", "available", "find", "read_card", "BUNDLED_DIR"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent
 
@@ -47,12 +47,18 @@ def find(name: str, directory: Path | None = None) -> BundledModel:
         listing = ", ".join(names) if names else "none (this installation ships no bundled models yet)"
         raise FileNotFoundError(f"bundled:{name}: no bundled model of that name (looked for {weights.name} and "
                                 f"{card_path.name} in {directory}); available: {listing}")
+    return BundledModel(name=name, weights=weights, card=read_card(card_path))
+
+
+def read_card(card_path: Path) -> dict[str, Any]:
+    """A model card (bundled ``NAME.json`` or the ``encoder.json`` that `vitscope pretrain` writes):
+    JSON with ``arch`` (a timm model name) and optionally ``arch_kwargs`` (an object). Errors name the file."""
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"bundled model card {card_path} is not valid JSON: {err}") from None
+        raise ValueError(f"model card {card_path} is not valid JSON: {err}") from None
     if not isinstance(card, dict) or not isinstance(card.get("arch"), str):
-        raise ValueError(f"bundled model card {card_path} needs an 'arch' entry (a timm model name)")
+        raise ValueError(f"model card {card_path} needs an 'arch' entry (a timm model name)")
     if not isinstance(card.get("arch_kwargs", {}), dict):
-        raise ValueError(f"bundled model card {card_path}: 'arch_kwargs' must be an object")
-    return BundledModel(name=name, weights=weights, card=card)
+        raise ValueError(f"model card {card_path}: 'arch_kwargs' must be an object")
+    return card

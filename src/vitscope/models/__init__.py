@@ -206,18 +206,10 @@ def _load_file(parsed: ModelSpec, path: Path, opts: dict[str, Any], strict: bool
 
 def _encoder_card(path: Path) -> dict[str, Any] | None:
     """The ``encoder.json`` beside a weights file (``{arch, arch_kwargs, mean, std, ...}``), if any."""
-    import json
+    from vitscope.bundled import read_card
 
     card_path = path.expanduser().with_name("encoder.json")
-    if not card_path.is_file():
-        return None
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{card_path}: not valid JSON ({err})") from None
-    if not isinstance(card, dict) or not isinstance(card.get("arch"), str):
-        raise ValueError(f"{card_path}: needs an 'arch' entry (a timm model name)")
-    return card
+    return read_card(card_path) if card_path.is_file() else None
 
 
 def _file_defaults(arch: str, state: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from vitscope.pretrain import augment
 from vitscope.pretrain.trainer import (
     ENCODER_JSON, LOG_FILE, STATE_FILE, BatchPlan, DistEnv, TrainingDiverged, _autocast_dtype,
     _backward_and_step, _progress, _truncate_log, _warn_threads, capture_rng_state, init_distributed, load_images,
-    read_encoder_json, restore_rng_state, step_seed, warmup_cosine_lr,
+    check_run_dir, read_encoder_json, restore_rng_state, step_seed, warmup_cosine_lr,
 )
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "load_encoder", "layer_decay_groups", "finetune", "evaluate_top1"]
@@ -184,12 +184,7 @@ def _save(out: Path, model: nn.Module, meta: dict, optimizer, scaler, step: int,
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` (train split), reporting test top-1 after each epoch."""
     env = init_distributed(cfg.device)
-    out = Path(cfg.out)
-    state_path = out / STATE_FILE
-    if cfg.resume and not state_path.exists():
-        raise FileNotFoundError(f"--resume: no {state_path} to resume from")
-    if not cfg.resume and state_path.exists():
-        raise ValueError(f"--out {out} already holds a run ({STATE_FILE}); pass --resume or choose another --out")
+    out, state_path = check_run_dir(cfg.out, cfg.resume)
 
     torch.manual_seed(cfg.seed)
     model, meta = load_encoder(cfg.model, **cfg.model_kwargs)

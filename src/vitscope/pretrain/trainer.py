@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vitscope.bundled import read_card
 from vitscope.io import atomic_path, write_json_atomic, write_text_atomic
 from vitscope.pretrain.objectives import ObjectiveConfig, build_objective, encoder_geometry, encoder_norm_stats
 
 __all__ = [
     "TrainConfig", "TrainingDiverged", "DistEnv", "init_distributed", "load_images", "load_train_images", "BatchPlan",
-    "warmup_cosine_lr", "step_seed", "param_groups", "export_encoder", "read_encoder_json", "pretrain",
+    "warmup_cosine_lr", "step_seed", "param_groups", "export_encoder", "read_encoder_json", "check_run_dir", "pretrain",
     "PretrainResult", "capture_rng_state", "restore_rng_state",
 ]
 
@@ -282,11 +283,7 @@ def read_encoder_json(path: str | os.PathLike) -> dict:
     meta_path = path if path.suffix == ".json" else path.with_name(ENCODER_JSON)
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no encoder.json beside {path}")
-    meta = json.loads(meta_path.read_text())
-    for key in ("arch", "arch_kwargs"):
-        if key not in meta:
-            raise KeyError(f"{meta_path}: missing key {key!r}")
-    return meta
+    return read_card(meta_path)
 
 
 def _timm_name(arch: str) -> str:
@@ -379,15 +376,21 @@ def _total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
     return total
 
 
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path]:
+    """The run directory and its state file; refuses to resume nothing or to overwrite a run."""
+    out = Path(out_dir)
+    state_path = out / STATE_FILE
+    if resume and not state_path.exists():
+        raise FileNotFoundError(f"--resume: no {state_path} to resume from")
+    if not resume and state_path.exists():
+        raise ValueError(f"--out {out} already holds a run ({STATE_FILE}); pass --resume or choose another --out")
+    return out, state_path
+
+
 def pretrain(cfg: TrainConfig) -> PretrainResult:
     """Run (or resume) a pretraining run as ``cfg`` describes; returns the trained objective."""
     env = init_distributed(cfg.device)
-    out = Path(cfg.out)
-    state_path = out / STATE_FILE
-    if cfg.resume and not state_path.exists():
-        raise FileNotFoundError(f"--resume: no {state_path} to resume from")
-    if not cfg.resume and state_path.exists():
-        raise ValueError(f"--out {out} already holds a run ({STATE_FILE}); pass --resume or choose another --out")
+    out, state_path = check_run_dir(cfg.out, cfg.resume)
 
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg.arch, cfg.model_kwargs, cfg.objective)
