@@ -335,8 +335,11 @@ def _tsne(runs: list[_ModelRun], test_set: Dataset, test_idx: np.ndarray, config
     labels = dataset_labels(test_set)
     if labels is None or (labels[test_idx] < 0).all():
         return {}
-    picked = test_idx[pick_examples(labels[test_idx], num_classes=min(config.tsne_classes, len(np.unique(labels))),
-                                    per_class=config.tsne_per_class, seed=config.seed)]
+    subset_labels = labels[test_idx]
+    counts = np.unique(subset_labels[subset_labels >= 0], return_counts=True)[1]
+    picked = test_idx[pick_examples(subset_labels, num_classes=min(config.tsne_classes, len(counts)),
+                                    per_class=max(1, min(config.tsne_per_class, int(counts.min()))),
+                                    seed=config.seed)]
     views = _subset_views(test_set, picked, config)
     arrays = {}
     for run in tqdm(runs, desc="t-SNE", unit="model"):
