@@ -184,6 +184,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 @pytest.mark.slow
 def test_peak_rss_grows_by_about_one_block(tmp_path):
     """Measured: peak RSS of a capture over a 12-block model rises by ~1 block's attention, not 12."""
+    import os
     import subprocess
     import sys
 
@@ -191,8 +192,13 @@ def test_peak_rss_grows_by_about_one_block(tmp_path):
     script.write_text(PEAK_SCRIPT)
     block_kib = 8 * 12 * 197 * 197 * 4 / 1024  # one block's attention probabilities, float32
 
+    # A fixed mmap threshold makes glibc return every large tensor to the OS when freed, so RSS follows
+    # live memory; with its default dynamic threshold, freed blocks stay in the heap and get reused.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
     def growth(mode: str) -> float:
-        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True,
+                             env=env)
         return float(out.stdout.strip().splitlines()[-1])
 
     streamed, kept = growth("drop"), growth("keep")
