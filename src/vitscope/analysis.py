@@ -16,6 +16,7 @@ from itertools import combinations
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -294,7 +295,7 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
         "skipped": [list(item) for item in skips.skipped], "analyses": sorted(wanted),
         "config": asdict(config), "seed": config.seed, "notes": notes,
         "versions": {"vitscope": vitscope.__version__, "torch": torch.__version__,
-                     "timm": __import__("timm").__version__, "python": platform.python_version()},
+                     "timm": timm.__version__, "python": platform.python_version()},
         "device": config.device,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
@@ -309,8 +310,9 @@ def _probe_and_noise(runs: list[_ModelRun], train_set: Dataset, train_idx: np.nd
     train_loader = _loader(train_set, train_idx, config)
     _lockstep(runs, train_loader, lambda run: [run.train_bank], config.device, skips, "probe features")
     probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
-    noise_idx = test_idx[stratified_subset(dataset_labels(test_set)[test_idx] if dataset_labels(test_set) is not None
-                                           else None, config.noise_images, config.seed + 2, total=len(test_idx))]
+    test_labels = dataset_labels(test_set)
+    noise_idx = test_idx[stratified_subset(None if test_labels is None else test_labels[test_idx],
+                                           config.noise_images, config.seed + 2, total=len(test_idx))]
     for run in runs:
         rows, probes = linear_probe(run.train_bank, run.test_bank, run.label, config=probe_config, progress=None)
         results.extend(rows)
@@ -325,7 +327,7 @@ def _probe_and_noise(runs: list[_ModelRun], train_set: Dataset, train_idx: np.nd
         results.extend(outcome.rows(run.label))
 
 
-def _subset_views(dataset: Dataset, indices: np.ndarray, config: AnalysisConfig) -> list[Batch]:
+def _subset_views(dataset: Dataset, indices: np.ndarray) -> list[Batch]:
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=max(1, len(indices)), shuffle=False,
                         collate_fn=collate_views)
     return next(iter(loader))
@@ -340,7 +342,7 @@ def _tsne(runs: list[_ModelRun], test_set: Dataset, test_idx: np.ndarray, config
     picked = test_idx[pick_examples(subset_labels, num_classes=min(config.tsne_classes, len(counts)),
                                     per_class=max(1, min(config.tsne_per_class, int(counts.min()))),
                                     seed=config.seed)]
-    views = _subset_views(test_set, picked, config)
+    views = _subset_views(test_set, picked)
     arrays = {}
     for run in tqdm(runs, desc="t-SNE", unit="model"):
         images = views[run.view].images.to(config.device)
@@ -354,18 +356,18 @@ def _tsne(runs: list[_ModelRun], test_set: Dataset, test_idx: np.ndarray, config
 
 
 def _tokens_per_image(run: _ModelRun, images: Tensor) -> int:
-    facts = run.capture.facts
-    h, w = facts.grid_for(tuple(images.shape[-2:]))
-    return h * w if facts.kind == "vit" else 4
+    """Spatial tokens per image at the last depth (a CNN's last stage: its stride is the facts' patch size)."""
+    h, w = run.capture.facts.grid_for(tuple(images.shape[-2:]))
+    return h * w
 
 
 def _example_image(runs: list[_ModelRun], test_set: Dataset, test_idx: np.ndarray) -> dict[str, np.ndarray]:
     """The first test image, de-normalised to [0, 1], for the attention-map figure."""
     if not runs:
         return {}
-    views = _subset_views(test_set, test_idx[:1], AnalysisConfig())
+    views = _subset_views(test_set, test_idx[:1])
     image = views[runs[0].view].images[0]
-    config = __import__("timm").data.resolve_data_config({}, model=runs[0].model)
+    config = timm.data.resolve_data_config({}, model=runs[0].model)
     mean = torch.tensor(config["mean"]).view(3, 1, 1)
     std = torch.tensor(config["std"]).view(3, 1, 1)
     return {"example_image": (image * std + mean).clamp(0, 1).numpy()}
