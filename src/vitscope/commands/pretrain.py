@@ -25,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run directory (encoder.safetensors, encoder.json, train_state.pt, log.jsonl)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-every", type=int, default=None,
+                   help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -88,15 +90,15 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - TrainConfig, impor
         crop_min_scale=args.crop_min_scale,
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)
-    for name in ("batch_size", "save_every"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "save_every", "keep_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     return TrainConfig(
         arch=args.model, model_kwargs=args.model_kwargs, data=args.data, num_images=args.num_images,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, blr=args.blr,
         min_lr=args.min_lr, weight_decay=weight_decay, warmup_steps=args.warmup_steps,
         clip_grad=args.clip_grad or None, seed=args.seed, precision=args.precision, device=args.device,
-        out=args.out, save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
+        out=args.out, save_every=args.save_every, keep_every=args.keep_every, resume=args.resume, progress=not args.no_progress,
         objective=objective,
     )
 

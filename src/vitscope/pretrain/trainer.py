@@ -11,7 +11,8 @@ Files under ``--out`` (written by rank 0 only, each atomically):
 - ``encoder.safetensors`` — the encoder under timm's key names;
 - ``encoder.json`` — arch, arch_kwargs (``timm.create_model(arch, **arch_kwargs)`` rebuilds it), method, step;
 - ``train_state.pt`` — everything needed by ``--resume``;
-- ``log.jsonl`` — one line per step (appended; truncated to the resumed step on resume).
+- ``log.jsonl`` — one line per step (appended; truncated to the resumed step on resume);
+- ``snapshots/step-NNNNNNN/`` — with ``keep_every``: the encoder (and its ``encoder.json``) every N steps.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ __all__ = [
 ]
 
 ENCODER_FILE, ENCODER_JSON, STATE_FILE, LOG_FILE = "encoder.safetensors", "encoder.json", "train_state.pt", "log.jsonl"
+SNAPSHOT_DIR = "snapshots"  # encoders kept along the way: snapshots/step-NNNNNNN/encoder.{safetensors,json}
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "log_every"}
+RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "log_every", "keep_every"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +74,7 @@ class TrainConfig:
     device: str = "auto"
     out: str = "runs/pretrain"
     save_every: int = 500
+    keep_every: int | None = None      # also keep the encoder every N steps under snapshots/step-NNNNNNN/
     resume: bool = False
     progress: bool = True
     log_every: int = 1
@@ -471,6 +474,8 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
+            if cfg.keep_every and done % cfg.keep_every == 0 and env.is_main:
+                export_encoder(out / SNAPSHOT_DIR / f"step-{done:07d}", objective.encoder, cfg, done)
             if done % cfg.save_every == 0 or done == total:
                 if env.is_main:
                     export_encoder(out, objective.encoder, cfg, done)
