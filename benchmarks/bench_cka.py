@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from vitscope.metrics.cka import CKAAccumulator
+from vitscope.analyses.cka import CKAAccumulator
 
 LAYERS = 12
 BATCH = 64

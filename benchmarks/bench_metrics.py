@@ -34,7 +34,7 @@ import torch
 
 from vitscope.capture import ViTCapture
 from vitscope.data import Batch
-from vitscope.metrics import analyze_model
+from vitscope.analyses import analyze_model
 
 
 def build_model(quick: bool) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from vitscope.io import write_json_atomic
 from vitscope.pretrain.objectives import ObjectiveConfig, build_objective
-from vitscope.pretrain.trainer import param_groups
+from vitscope.pretrain.optim import param_groups
 
 BUNDLED = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -23,9 +23,8 @@ import torch
 from vitscope.capture import make_capture
 from vitscope.data import build_transform, make_loader, open_dataset
 from vitscope.io import write_json_atomic
-from vitscope.metrics.stream import run_reducers
+from vitscope.analyses import FeatureBank, ProbeConfig, linear_probe, run_reducers
 from vitscope.models import load_model
-from vitscope.probes import FeatureBank, ProbeConfig, linear_probe
 
 PROBE_TRAIN, PROBE_TEST = 5000, 2000
 
@@ -36,7 +35,7 @@ def probe_accuracy(model: torch.nn.Module, seed: int = 0) -> dict[str, list[floa
     transform = build_transform(model)
     banks = {}
     for split, count in (("train", PROBE_TRAIN), ("test", PROBE_TEST)):
-        bank = FeatureBank.for_capture(capture)
+        bank = FeatureBank()
         loader = make_loader(open_dataset("fashion-mnist", split, transform), num_images=count, batch_size=256,
                              seed=seed)
         run_reducers(capture, loader, [bank], progress=f"probe features ({split})")

@@ -5,7 +5,8 @@ import csv
 
 import torch
 
-from vitscope import bundled, load_model
+from vitscope import load_model
+from vitscope.models import cards as bundled
 from vitscope.cli import main
 
 NAMES = ("moco", "simmim", "mae", "hybrid")

@@ -9,9 +9,10 @@ import torch
 from tests.conftest import tiny_vit
 from vitscope.capture import FeatureCapture, ViTCapture
 from vitscope.data import Batch
-from vitscope.metrics.cka import (CKAAccumulator, CKAReducer, CrossModelCKA, cka, cross_model_cka,
-                                  example_features, hsic1, linear_cka, rbf_cka)
-from vitscope.metrics.stream import run_reducers
+from vitscope.analyses.cka import CKAAccumulator, CKAReducer, CrossModelCKA, cross_model_cka
+from vitscope.analyses.features import pooled_features as example_features
+from vitscope.metrics.cka import cka, hsic1, linear_cka, rbf_cka
+from vitscope.analyses import run_reducers
 
 
 # ------------------------------------------------------------------------------ numpy references

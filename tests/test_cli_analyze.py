@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_data import make_folder
-from vitscope.analysis import AnalysisConfig, analyze
+from vitscope.analyses import AnalysisConfig, analyze
 from vitscope.cli import main
 
 TINY = "random:vit_small_patch16_224?img_size=32&patch_size=8&embed_dim=32&depth=2&num_heads=4"

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import tiny_vit
 from vitscope.capture import Capture, LayerOutput, ModelFacts, ViTCapture
 from vitscope.data import Batch
-from vitscope.embed import SpatialLocalisation, pick_examples, spatial_localisation, svd_projection, token_tsne
+from vitscope.analyses import SpatialLocalisation, pick_examples, spatial_localisation, svd_projection, token_tsne
 
 
 class KnownCapture(Capture):

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import vitscope.pretrain.finetune as ft
-from vitscope.pretrain.finetune import FinetuneConfig, finetune, layer_decay_groups, load_encoder
+import vitscope.pretrain.finetuning as ft
+from vitscope.pretrain.finetuning import FinetuneConfig, finetune, load_encoder
+from vitscope.pretrain.optim import layer_decay_groups
 from vitscope.pretrain.objectives import create_encoder
 from vitscope.pretrain.trainer import TrainConfig, export_encoder
 
@@ -54,9 +55,10 @@ def test_load_encoder_reads_encoder_json(tmp_path: Path) -> None:
     saved = load_file(spec[5:])
     assert meta["arch"] == "vit_tiny_patch16_224" and meta["arch_kwargs"]["embed_dim"] == 32
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    with pytest.raises(FileNotFoundError, match="encoder.json"):
-        (tmp_path / "pretrained" / "encoder.json").unlink()
-        ft.read_encoder_json(tmp_path / "pretrained" / "encoder.safetensors")
+    assert load_encoder(f"file:{tmp_path / 'pretrained'}")[1]["arch"] == "vit_tiny_patch16_224"  # the run directory
+    (tmp_path / "pretrained" / "encoder.json").unlink()
+    with pytest.raises(ValueError, match="encoder.json"):
+        load_encoder(spec)
 
 
 def test_layer_decay_groups_scale_by_depth() -> None:
@@ -101,7 +103,7 @@ def test_finetune_resume_is_bit_identical(tmp_path: Path, monkeypatch) -> None:
     spec = _encoder_file(tmp_path)
     reference = finetune(_config(tmp_path, spec, train, test, epochs=2, out=str(tmp_path / "a")))
 
-    real, calls = ft._backward_and_step, {"n": 0}
+    real, calls = ft.backward_and_step, {"n": 0}
 
     def dies_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -109,11 +111,11 @@ def test_finetune_resume_is_bit_identical(tmp_path: Path, monkeypatch) -> None:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ft, "_backward_and_step", dies_at_step_5)
+    monkeypatch.setattr(ft, "backward_and_step", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         finetune(_config(tmp_path, spec, train, test, epochs=2, save_every=2, out=str(tmp_path / "b")))
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(ft, "_backward_and_step", real)
+    monkeypatch.setattr(ft, "backward_and_step", real)
     resumed = finetune(_config(tmp_path, spec, train, test, epochs=2, save_every=2, out=str(tmp_path / "b"), resume=True))
     assert resumed.top1 == reference.top1
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))

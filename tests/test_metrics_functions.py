@@ -22,7 +22,7 @@ from vitscope.metrics import (
     spatial_attention,
     token_cosine_similarity,
 )
-from vitscope.metrics.functions import spatial_attention_for_reduction
+from vitscope.metrics import spatial_attention_for_reduction
 
 
 # ------------------------------------------------------------ plain numpy references (SPEC, with loops)

@@ -13,10 +13,10 @@ import torch
 from tests.conftest import tiny_vit
 from vitscope.capture import ViTCapture
 from vitscope.data import Batch
-from vitscope.metrics import ALL_METRICS, analyze_model, metric_reducers
-from vitscope.metrics import functions as F
-from vitscope.metrics.reducers import RunningMoments
-from vitscope.metrics.stream import Reducer, run_reducers
+from vitscope.analyses import ALL_METRICS, analyze_model, metric_reducers
+from vitscope import metrics as F
+from vitscope.analyses import RunningMoments
+from vitscope.analyses import Reducer, run_reducers
 from vitscope.results import Results
 
 NUM_IMAGES = 7

@@ -257,7 +257,7 @@ def test_timm_weights_option_with_resized_grid(tmp_path: Path, offline: Path) ->
 
 # ----------------------------------------------------------------------------- bundled models
 def test_bundled_absent_lists_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitscope.bundled as bundled
+    import vitscope.models.cards as bundled
 
     model = tiny_vit()
     save_file(model.state_dict(), str(tmp_path / "cl-tiny.safetensors"))
@@ -276,7 +276,7 @@ def test_bundled_absent_lists_available(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_bundled_none_shipped_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitscope.bundled as bundled
+    import vitscope.models.cards as bundled
 
     monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="available: none"):

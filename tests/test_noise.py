@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitscope.data import Batch
-from vitscope.noise import band_limited_noise, band_masks, noise_robustness, radial_frequency
+from vitscope.analyses.noise import band_limited_noise, band_masks, noise_robustness, radial_frequency
 
 
 @pytest.mark.parametrize("h, w, bands", [(32, 32, 6), (28, 20, 4), (7, 9, 3)])

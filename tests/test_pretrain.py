@@ -13,7 +13,9 @@ from vitscope.pretrain.objectives import (
     MAE, MoCoV3, ObjectiveConfig, SimMIM, build_objective, mae_loss, mae_pixel_targets, moco_contrastive_loss,
     moco_momentum, patchify, random_masking, simmim_loss, simmim_mask, sincos_pos_embed_2d, unpatchify,
 )
-from vitscope.pretrain.trainer import BatchPlan, TrainConfig, TrainingDiverged, pretrain, warmup_cosine_lr
+from vitscope.pretrain import TrainConfig, TrainingDiverged, pretrain
+from vitscope.pretrain.batches import BatchPlan
+from vitscope.pretrain.optim import warmup_cosine_lr
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 HEADS = dict(moco_dim=32, moco_mlp_dim=64, decoder_dim=32, decoder_depth=1, decoder_heads=2)

@@ -9,8 +9,8 @@ import torch
 from tests.conftest import tiny_vit
 from vitscope.capture import FeatureCapture, ViTCapture
 from vitscope.data import Batch
-from vitscope.metrics.stream import run_reducers
-from vitscope.probes import FeatureBank, ProbeConfig, fit_linear_probes, linear_probe
+from vitscope.analyses import run_reducers
+from vitscope.analyses import FeatureBank, ProbeConfig, fit_linear_probes, linear_probe
 
 FAST = ProbeConfig(epochs=30, lr=5e-2, batch_size=64, seed=0)
 
@@ -85,7 +85,7 @@ def test_feature_bank_holds_cls_and_gap_of_every_depth_and_feeds_a_classifier():
     torch.manual_seed(0)
     images, labels = torch.randn(20, 3, 32, 32), torch.arange(20) % 2
     capture = ViTCapture(model, attention=False, branches=False)
-    bank = FeatureBank.for_capture(capture)
+    bank = FeatureBank()
     run_reducers(capture, batches(images, labels, 8), [bank], progress=None)
     layers = capture.collect(images)
     assert bank.depths == [0, 1, 2] and bank.kinds == ["cls", "gap"] and len(bank) == 20
@@ -111,7 +111,7 @@ def test_cnn_stages_of_different_width_are_padded_and_classifier_uses_true_width
     resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
     capture = FeatureCapture(resnet)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 2
-    bank = FeatureBank.for_capture(capture)
+    bank = FeatureBank()
     run_reducers(capture, batches(images, labels, 8), [bank], progress=None)
     assert bank.kinds == ["gap"]
     widths = bank.widths("gap")

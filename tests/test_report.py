@@ -11,7 +11,8 @@ import pytest
 from fake_results import (GRID, HEAD_SPREAD, HEADS, L, PROFILES, cka_rows, make_arrays, make_results,
                           rendered_report_dir, write_results_dir)
 from vitscope.cli import main
-from vitscope.report import SECTIONS, load_arrays, render_report
+from vitscope.report import SECTIONS, render_report
+from vitscope.results import RunDirectory
 from vitscope.report.figures import build_figures, fig_attention_maps, fig_cka, layer_curve, model_colors
 from vitscope.report.series import ResultView
 from vitscope.results import Results
@@ -155,7 +156,7 @@ def test_sections_without_data_say_not_measured_and_png_only(tmp_path):
 
 
 def test_report_evaluates_claims_from_roles_in_meta(tmp_path, monkeypatch):
-    monkeypatch.setattr("vitscope.report.build_figures", lambda view, arrays: [])  # the claims table is the point
+    monkeypatch.setattr("vitscope.report.render.build_figures", lambda view, arrays: [])  # the claims table is the point
     results = make_results(("cl", "mim"), drop={("cl", "cka")})
     results.meta["roles"] = {"cl": "cl", "mim": "mim"}
     out = write_results_dir(tmp_path / "run", results, arrays={})
@@ -178,7 +179,7 @@ def test_report_command_and_its_errors(tmp_path, capsys):
 
 def test_load_arrays_roundtrip(tmp_path):
     out = write_results_dir(tmp_path / "run", make_results(("cl",)), arrays=make_arrays(("cl",)))
-    arrays = load_arrays(out)
+    arrays = RunDirectory(out).load_arrays()
     assert arrays["cl/attention_maps"].shape == (L, 3, *GRID)
     np.testing.assert_allclose(arrays["cl/attention_maps"].sum(axis=(2, 3)), 1.0, rtol=1e-5)
-    assert load_arrays(tmp_path) == {}
+    assert RunDirectory(tmp_path).load_arrays() == {}

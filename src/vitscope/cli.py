@@ -1,6 +1,7 @@
 """`vitscope` command line: one sub-command per module in ``vitscope.commands``.
 
-Each command module defines ``configure(parser)`` (its arguments) and ``run(args) -> int``.
+Each command module defines ``configure(parser)`` (its arguments) and ``run(args) -> int``; it parses,
+calls the library and prints. ``vitscope.commands.common`` holds what several commands share.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import argparse
 import importlib
 import importlib.util
 import sys
+
+from vitscope.commands.common import CommandError
 
 # name -> (module, one-line help). Modules are imported only when listed or run.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,10 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("vitscope.commands.finetune", "fine-tune a pretrained encoder for classification"),
     "demo": ("vitscope.commands.demo", "analyse the bundled models on Fashion-MNIST and print the verdict"),
 }
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def _available() -> dict[str, tuple[str, str]]:

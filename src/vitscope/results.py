@@ -1,6 +1,11 @@
-"""Tidy results: one row per (model, metric, layer, head, ...) value, saved as CSV and JSON.
+"""A run's results: tidy rows (:class:`Results`) and the results directory that holds them (:class:`RunDirectory`).
 
-Columns: ``model, metric, layer, head, value, stderr, n`` always (``head`` empty for per-layer values,
+:class:`RunDirectory` is the only reader and writer of the files in a results directory:
+``metrics.csv`` and ``metrics.json`` (rows and metadata), ``arrays.npz`` (attention maps, t-SNE
+points, localisation maps), ``claims.json`` (the verdict), ``figures/`` (PNG + SVG) and
+``report.html``. Every file is written atomically.
+
+Rows have the columns ``model, metric, layer, head, value, stderr, n`` always (``head`` empty for per-layer values,
 ``layer`` 0 = patch embedding, 1..L = blocks), plus optional columns a metric needs:
 ``feature`` (cls/gap), ``band`` (noise band index), ``freq`` (Fourier frequency index), ``index``
 (singular value rank), ``other_model`` and ``other_layer`` (CKA).
@@ -11,11 +16,17 @@ import csv
 import io
 import json
 import math
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from vitscope.io import write_json_atomic, write_text_atomic
+import numpy as np
+
+from vitscope.io import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+__all__ = ["BASE_COLUMNS", "EXTRA_COLUMNS", "COLUMNS", "Row", "make_row", "Results", "RunDirectory"]
 
 BASE_COLUMNS = ("model", "metric", "layer", "head", "value", "stderr", "n")
 EXTRA_COLUMNS = ("feature", "band", "freq", "index", "other_model", "other_layer")
@@ -67,23 +78,120 @@ class Results:
             writer.writerow({k: _csv_cell(row.get(k)) for k in COLUMNS})
         return buffer.getvalue()
 
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rows": [_json_row(r) for r in self.rows]}
+
     def save(self, out_dir: str | Path) -> None:
-        """Write ``metrics.csv`` and ``metrics.json`` (rows + meta) atomically."""
-        out = Path(out_dir)
-        write_text_atomic(out / "metrics.csv", self.to_csv_text())
-        write_json_atomic(out / "metrics.json", {"meta": self.meta, "rows": [_json_row(r) for r in self.rows]})
+        """Write ``metrics.csv`` and ``metrics.json`` (see :meth:`RunDirectory.save_results`)."""
+        RunDirectory(out_dir).save_results(self)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Results":
-        """Read ``metrics.json`` (preferred) or ``metrics.csv`` from ``out_dir``."""
-        out = Path(out_dir)
-        if (out / "metrics.json").exists():
-            data = json.loads((out / "metrics.json").read_text())
-            return cls([_typed(r) for r in data["rows"]], data.get("meta", {}))
-        if (out / "metrics.csv").exists():
-            with open(out / "metrics.csv", newline="") as fh:
-                return cls([_typed(r) for r in csv.DictReader(fh)], {})
-        raise FileNotFoundError(f"{out}: no metrics.json or metrics.csv")
+        """Read a results directory's rows (see :meth:`RunDirectory.load_results`)."""
+        return RunDirectory(out_dir).load_results()
+
+
+class RunDirectory:
+    """A results directory (``vitscope analyze --out DIR``): the one place its files are read and written."""
+
+    METRICS_CSV = "metrics.csv"
+    METRICS_JSON = "metrics.json"
+    ARRAYS = "arrays.npz"
+    CLAIMS = "claims.json"
+    REPORT = "report.html"
+    FIGURES = "figures"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    def check(self) -> "RunDirectory":
+        """Raise FileNotFoundError unless this is a directory holding saved results."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such results directory")
+        if not (self.path / self.METRICS_JSON).exists() and not (self.path / self.METRICS_CSV).exists():
+            raise FileNotFoundError(f"{self.path}: no {self.METRICS_JSON} or {self.METRICS_CSV} "
+                                    f"(run `vitscope analyze --out {self.path}` first)")
+        return self
+
+    # -- rows -------------------------------------------------------------------------------------
+    def save_results(self, results: Results) -> None:
+        """``metrics.csv`` and ``metrics.json`` (rows + meta)."""
+        write_text_atomic(self.path / self.METRICS_CSV, results.to_csv_text())
+        write_json_atomic(self.path / self.METRICS_JSON, results.to_json())
+
+    def load_results(self) -> Results:
+        """``metrics.json`` (preferred, it has the metadata) or ``metrics.csv``."""
+        json_path, csv_path = self.path / self.METRICS_JSON, self.path / self.METRICS_CSV
+        if json_path.exists():
+            try:
+                data = json.loads(json_path.read_text())
+                return Results([_typed(r) for r in data["rows"]], data.get("meta", {}))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{json_path}: not a vitscope metrics file ({err})") from err
+        if csv_path.exists():
+            with open(csv_path, newline="") as fh:
+                return Results([_typed(r) for r in csv.DictReader(fh)], {})
+        raise FileNotFoundError(f"{self.path}: no {self.METRICS_JSON} or {self.METRICS_CSV}")
+
+    # -- arrays -----------------------------------------------------------------------------------
+    def save_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``arrays.npz`` (compressed; plain arrays only)."""
+        with atomic_path(self.path / self.ARRAYS) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+
+    def load_arrays(self) -> dict[str, np.ndarray]:
+        """``arrays.npz`` as a dict (empty when absent); no pickled objects are read."""
+        path = self.path / self.ARRAYS
+        if not path.exists():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: cannot read arrays ({err})") from err
+
+    # -- claims -----------------------------------------------------------------------------------
+    def save_claims(self, record: Mapping[str, Any]) -> Path:
+        """``claims.json``: the verdict as :mod:`vitscope.report.claims` serialises it."""
+        path = self.path / self.CLAIMS
+        write_json_atomic(path, dict(record))
+        return path
+
+    def load_claims(self) -> dict[str, Any] | None:
+        """``claims.json`` as a dict, or None when absent; malformed JSON is a ValueError naming the file."""
+        path = self.path / self.CLAIMS
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a vitscope claims file ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a vitscope claims file (expected an object)")
+        return data
+
+    # -- figures and report -----------------------------------------------------------------------
+    def figure_path(self, key: str, fmt: str) -> Path:
+        return self.path / self.FIGURES / f"{key}.{fmt}"
+
+    def save_figure(self, key: str, fmt: str, data: bytes) -> Path:
+        """``figures/KEY.FMT``."""
+        path = self.figure_path(key, fmt)
+        write_bytes_atomic(path, data)
+        return path
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / self.REPORT
+
+    def save_report(self, html_text: str) -> Path:
+        """``report.html``."""
+        write_text_atomic(self.report_path, html_text)
+        return self.report_path
 
 
 def _csv_cell(value: Any) -> Any:

@@ -5,12 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from vitscope.analysis import ALL_ANALYSES, AnalysisConfig, AnalysisOutput, analyze
-from vitscope.cli import CommandError
-from vitscope.io import atomic_path
-
+from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
+from vitscope.commands.common import (
+    ROLE_NAMES, CommandError, non_negative_int, positive_int, print_skipped, verdict_and_report,
+)
+from vitscope.models import parse_spec
+from vitscope.results import RunDirectory
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="LABEL=SPEC",
@@ -18,19 +18,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(repeatable; LABEL= may be left out)")
     parser.add_argument("--data", required=True, help="data spec: fashion-mnist[:DIR], folder:DIR, ...")
     parser.add_argument("--out", required=True, help="results directory")
-    parser.add_argument("--num-images", type=int, default=512, help="test images for the metrics (default: %(default)s)")
-    parser.add_argument("--probe-images", type=int, default=2000,
+    parser.add_argument("--num-images", type=positive_int, default=512,
+                        help="test images for the metrics (default: %(default)s)")
+    parser.add_argument("--probe-images", type=positive_int, default=2000,
                         help="train images for the linear probes (default: %(default)s)")
-    parser.add_argument("--noise-images", type=int, default=256, help="test images scored under noise")
+    parser.add_argument("--noise-images", type=positive_int, default=256, help="test images scored under noise")
     parser.add_argument("--noise-norm", type=float, default=0.5,
                         help="noise RMS per input value in the model's normalised input space (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probe-epochs", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--probe-epochs", type=positive_int, default=100)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     roles = parser.add_argument_group("claims (optional): which model plays which part")
     roles.add_argument("--cl", help="label of the contrastive model")
     roles.add_argument("--mim", help="label of the masked-image-modeling model")
@@ -41,8 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def parse_models(items: list[str]) -> dict[str, str]:
     """``LABEL=SPEC`` items to an ordered mapping; a bare spec is labelled by its file or model name."""
-    from vitscope.models.specs import parse_spec
-
     models: dict[str, str] = {}
     for item in items:
         label, sep, spec = item.partition("=")
@@ -57,36 +56,11 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def roles_of(args: argparse.Namespace, labels: list[str]) -> dict[str, str]:
-    roles = {name: getattr(args, name) for name in ("cl", "mim", "control", "hybrid") if getattr(args, name)}
+    roles = {name: getattr(args, name) for name in ROLE_NAMES if getattr(args, name)}
     for name, label in roles.items():
         if label not in labels:
             raise CommandError(f"--{name} {label!r} is not one of the models: {', '.join(labels)}")
     return roles
-
-
-def save_output(output: AnalysisOutput, out_dir: Path) -> None:
-    """``metrics.csv``, ``metrics.json`` and ``arrays.npz``, each written atomically."""
-    output.results.save(out_dir)
-    with atomic_path(out_dir / "arrays.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **output.arrays)
-
-
-def finish_report(out_dir: Path, roles: dict[str, str], render: bool) -> None:
-    """Evaluate the claims (when CL and MIM are named), print them, render the report."""
-    from vitscope.report import Roles, evaluate_claims, format_claims_table, render_report, save_claims
-    from vitscope.results import Results
-
-    verdicts = None
-    if roles.get("cl") and roles.get("mim"):
-        results = Results.load(out_dir)
-        role = Roles(roles["cl"], roles["mim"], roles.get("control"), roles.get("hybrid"))
-        verdicts = evaluate_claims(results, **vars(role))
-        save_claims(out_dir, verdicts, role)
-        print(format_claims_table(verdicts))
-    if render:
-        path = render_report(out_dir)
-        print(f"report: {path}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,12 +75,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
     output.results.meta["roles"] = roles
-    save_output(output, out_dir)
+    run_dir = RunDirectory(out_dir)
+    run_dir.save_results(output.results)
+    run_dir.save_arrays(output.arrays)
     meta = output.results.meta
     print(f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
-          f"in {meta['wall_time_s']:.1f} s; skipped {len(meta['skipped'])} unreadable file(s)")
+          f"in {meta['wall_time_s']:.1f} s; skipped {len(meta['skipped'])} unreadable file(s)"
+          + (", each replaced by another image of its class" if meta["skipped"] else ""))
+    print_skipped(meta["skipped"])
     for note in meta["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    print(f"results: {out_dir / 'metrics.csv'}")
-    finish_report(out_dir, roles, render=not args.no_report)
+    print(f"results: {out_dir / RunDirectory.METRICS_CSV}")
+    verdict_and_report(out_dir, roles, render=not args.no_report)
     return 0

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from vitscope.capture import LayerOutput, make_capture
+from vitscope.commands.common import positive_int
 from vitscope.data import SkipCounter, build_transform, make_loader, open_dataset
 from vitscope.models import load_model
 
@@ -16,8 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:vit_tiny_patch16_224", help="model spec (default: %(default)s)")
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-images", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
 
 

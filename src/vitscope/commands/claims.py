@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from vitscope.cli import CommandError
-from vitscope.report.claims import Roles, Tolerance, evaluate_claims, format_claims_table, save_claims
+from vitscope.commands.common import CommandError, open_results
+from vitscope.report import Roles, Tolerance, evaluate_claims, format_claims_table, save_claims
 from vitscope.report.series import ResultView
 from vitscope.results import Results
 
@@ -23,16 +22,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="points by which CL's probe must beat the control's (default: %(default)s)")
 
 
-def load_results(directory: str) -> Results:
-    path = Path(directory)
-    if not path.is_dir():
-        raise CommandError(f"{path}: no such results directory")
-    try:
-        return Results.load(path)
-    except FileNotFoundError as err:
-        raise CommandError(f"{path}: no metrics.json or metrics.csv (run `vitscope analyze --out {path}` first)") from err
-
-
 def check_labels(results: Results, roles: Roles) -> None:
     known = ResultView(results).models()
     for role, label in vars(roles).items():
@@ -42,7 +31,7 @@ def check_labels(results: Results, roles: Roles) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = load_results(args.dir)
+    _, results = open_results(args.dir)
     roles = Roles(args.cl, args.mim, args.control, args.hybrid)
     check_labels(results, roles)
     if not 0 <= args.rel_tol < 1:

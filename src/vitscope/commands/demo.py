@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitscope import bundled
-from vitscope.analysis import AnalysisConfig, analyze
-from vitscope.cli import CommandError
-from vitscope.commands.analyze import finish_report, save_output
-from vitscope.results import Results
+from vitscope.analyses import AnalysisConfig, analyze
+from vitscope.commands.common import CommandError, positive_int, print_skipped, verdict_and_report
+from vitscope.models import cards
+from vitscope.results import Results, RunDirectory
 
 BUNDLED_NAMES = ("moco", "simmim", "mae", "hybrid")
 ROLES = {"cl": "moco", "mim": "simmim", "control": "random", "hybrid": "hybrid"}
@@ -22,21 +21,22 @@ ROLES = {"cl": "moco", "mim": "simmim", "control": "random", "hybrid": "hybrid"}
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="results directory (default: %(default)s)")
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
-    parser.add_argument("--num-images", type=int, default=500, help="test images (default: %(default)s)")
-    parser.add_argument("--probe-images", type=int, default=2000, help="probe train images (default: %(default)s)")
-    parser.add_argument("--noise-images", type=int, default=250)
-    parser.add_argument("--batch-size", type=int, default=125)
+    parser.add_argument("--num-images", type=positive_int, default=500, help="test images (default: %(default)s)")
+    parser.add_argument("--probe-images", type=positive_int, default=2000,
+                        help="probe train images (default: %(default)s)")
+    parser.add_argument("--noise-images", type=positive_int, default=250)
+    parser.add_argument("--batch-size", type=positive_int, default=125)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def demo_models() -> dict[str, str]:
     """label -> spec: the bundled models and an untrained control of their architecture."""
-    missing = [name for name in BUNDLED_NAMES if name not in bundled.available()]
+    missing = [name for name in BUNDLED_NAMES if name not in cards.available()]
     if missing:
-        raise CommandError(f"bundled models missing: {', '.join(missing)} (looked in {bundled.BUNDLED_DIR}); "
+        raise CommandError(f"bundled models missing: {', '.join(missing)} (looked in {cards.BUNDLED_DIR}); "
                            "train them with scripts/train_bundled.sh")
-    card = bundled.find("moco")
+    card = cards.find("moco")
     options = "&".join(f"{key}={value}" for key, value in card.arch_kwargs.items())
     models = {name: f"bundled:{name}" for name in BUNDLED_NAMES}
     models["random"] = f"random:{card.arch}?{options}&seed=0"
@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
     output.results.meta["roles"] = ROLES
-    save_output(output, out_dir)
+    run_dir = RunDirectory(out_dir)
+    run_dir.save_results(output.results)
+    run_dir.save_arrays(output.arrays)
+    print_skipped(output.results.meta["skipped"])
     print(probe_table(output.results, list(models)))
     print(f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "
           f"in {output.results.meta['wall_time_s']:.0f} s")
-    finish_report(out_dir, ROLES, render=True)
+    verdict_and_report(out_dir, dict(ROLES), render=True)
     return 0

@@ -6,7 +6,8 @@ pretrain ...`` (NCCL on GPUs, gloo on CPU; ``--batch-size`` is per process).
 from __future__ import annotations
 
 import argparse
-import json
+
+from vitscope.commands.common import json_object, non_negative_int, positive_int, set_threads
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -15,24 +16,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mim", default="simmim", choices=["simmim", "mae"], help="MIM half of the hybrid (default: %(default)s)")
     g.add_argument("--cl-weight", type=float, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (optionally timm:NAME)")
-    g.add_argument("--model-kwargs", default="{}", type=_json_object,
+    g.add_argument("--model-kwargs", default="{}", type=json_object,
                    help='JSON passed to timm.create_model, e.g. \'{"img_size":28,"patch_size":4,"embed_dim":96,"depth":6,"num_heads":4}\'')
     g.add_argument("--data", default="fashion-mnist", help="data spec; its train split is used (default: %(default)s)")
-    g.add_argument("--num-images", type=int, default=None, help="train on a stratified subset of this many images")
+    g.add_argument("--num-images", type=positive_int, default=None, help="train on a stratified subset of this many images")
     g.add_argument("--epochs", type=float, default=None)
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=256, help="per process (default: %(default)s)")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="per process (default: %(default)s)")
     g.add_argument("--out", required=True, help="run directory (encoder.safetensors, encoder.json, train_state.pt, log.jsonl)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-every", type=int, default=None,
+    g.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-every", type=positive_int, default=None,
                    help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast: auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's own); 1 is fastest on a busy shared machine. "
                         "Bit-identical resumption on CPU needs the same thread count")
     o = parser.add_argument_group("optimizer")
@@ -40,46 +41,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate per 256 images (default: %(default)s)")
     o.add_argument("--min-lr", type=float, default=0.0)
     o.add_argument("--weight-decay", type=float, default=None, help="default: 0.1 for moco, 0.05 otherwise")
-    o.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
+    o.add_argument("--warmup-steps", type=non_negative_int, default=None, help="default: 10%% of the steps")
     o.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm; 0 disables (default: %(default)s)")
     m = parser.add_argument_group("objective")
-    m.add_argument("--moco-dim", type=int, default=256)
-    m.add_argument("--moco-mlp-dim", type=int, default=1024)
+    m.add_argument("--moco-dim", type=positive_int, default=256)
+    m.add_argument("--moco-mlp-dim", type=positive_int, default=1024)
     m.add_argument("--moco-t", type=float, default=0.2, help="temperature τ (default: %(default)s)")
     m.add_argument("--moco-m", type=float, default=0.99, help="initial momentum, rising to 1 by cosine")
     m.add_argument("--freeze-patch-embed", action="store_true", help="MoCo v3's frozen random patch projection")
     m.add_argument("--mask-ratio", type=float, default=None, help="default: 0.6 SimMIM, 0.75 MAE")
-    m.add_argument("--mask-patch-size", type=int, default=None, help="SimMIM mask cell in pixels (default: the patch size)")
+    m.add_argument("--mask-patch-size", type=positive_int, default=None, help="SimMIM mask cell in pixels (default: the patch size)")
     m.add_argument("--no-norm-pix-loss", action="store_true", help="MAE: raw instead of per-patch normalised pixel targets")
-    m.add_argument("--decoder-dim", type=int, default=128)
-    m.add_argument("--decoder-depth", type=int, default=2)
-    m.add_argument("--decoder-heads", type=int, default=4)
+    m.add_argument("--decoder-dim", type=positive_int, default=128)
+    m.add_argument("--decoder-depth", type=positive_int, default=2)
+    m.add_argument("--decoder-heads", type=positive_int, default=4)
     m.add_argument("--crop-min-scale", type=float, default=None, help="random resized crop's lower area bound")
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--model-kwargs is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object")
-    return value
-
-
-def set_threads(threads: int | None) -> None:
-    """Apply ``--threads`` (a command-line choice, so set here and not in the library)."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be positive, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def build_config(args: argparse.Namespace):  # noqa: ANN201 - TrainConfig, imported lazily
-    from vitscope.pretrain.objectives import ObjectiveConfig
-    from vitscope.pretrain.trainer import TrainConfig
+    from vitscope.pretrain import ObjectiveConfig, TrainConfig
 
     objective = ObjectiveConfig(
         method=args.method, mim=args.mim, cl_weight=args.cl_weight, moco_dim=args.moco_dim,
@@ -90,9 +70,6 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - TrainConfig, impor
         crop_min_scale=args.crop_min_scale,
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)
-    for name in ("batch_size", "save_every", "keep_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
     return TrainConfig(
         arch=args.model, model_kwargs=args.model_kwargs, data=args.data, num_images=args.num_images,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, blr=args.blr,
@@ -104,7 +81,7 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - TrainConfig, impor
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitscope.pretrain.trainer import TrainingDiverged, pretrain
+    from vitscope.pretrain import TrainingDiverged, pretrain
 
     config = build_config(args)
     set_threads(args.threads)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitscope.commands.claims import load_results
+from vitscope.commands.common import open_results
 from vitscope.report import render_report
 
 
@@ -13,7 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    load_results(args.dir)  # a clear error for a missing directory or metrics file
+    open_results(args.dir)  # a clear error for a missing directory or metrics file
     path = render_report(args.dir, svg=not args.no_svg)
     print(f"wrote {path}")
     return 0

@@ -1,49 +1,57 @@
-"""The papers' metrics: pure tensor functions and their one-pass streaming reducers.
+"""The papers' metrics as pure tensor functions: torch in, torch out, any float dtype, any device.
 
-Functions (torch in, torch out; see :mod:`vitscope.metrics.functions`) compute a metric on one
-batch; :func:`analyze_model` streams all of them over a data loader in one forward pass per batch
-and returns tidy :class:`~vitscope.results.Results`; :func:`metric_reducers` gives the reducers
-themselves, to share that pass with other reducers (probes, CKA).
+Definitions: docs/metrics.md. :mod:`.attention` (distance, NMI, entropy on spatial attention),
+:mod:`.representation` (token / head / depth cosine, spectra, Fourier, residual ratio), :mod:`.cka`
+(CKA of two feature sets). Streaming them over a data set is :mod:`vitscope.analyses`' job.
 """
-from vitscope.metrics.functions import (
+from vitscope.metrics.attention import (
     attention_distance,
     attention_entropy,
     attention_nmi,
-    depth_cosine_similarity,
     distance_matrix,
+    entropy_from_parts,
+    key_marginal,
+    mean_row_kl_to_uniform,
+    nmi_from_parts,
+    spatial_attention,
+    spatial_attention_for_reduction,
+)
+from vitscope.metrics.cka import cka, gram_linear, gram_rbf, hsic1, linear_cka, rbf_cka, unbiased_centre
+from vitscope.metrics.representation import (
+    depth_cosine_similarity,
     effective_rank,
     fourier_delta_log_amplitude,
+    fourier_log_amplitude_diagonal,
     head_cosine_similarity,
     residual_ratio,
     singular_values,
-    spatial_attention,
     token_cosine_similarity,
 )
-from vitscope.metrics.cka import CKAAccumulator, CKAReducer, CrossModelCKA, cka_rows, linear_cka, rbf_cka
-from vitscope.metrics.reducers import ALL_METRICS, CURVE_METRICS, SCALAR_METRICS, analyze_model, metric_reducers
 
 __all__ = [
     "attention_distance",
     "attention_nmi",
     "attention_entropy",
+    "spatial_attention",
+    "spatial_attention_for_reduction",
+    "distance_matrix",
+    "mean_row_kl_to_uniform",
+    "key_marginal",
+    "entropy_from_parts",
+    "nmi_from_parts",
     "token_cosine_similarity",
     "head_cosine_similarity",
     "depth_cosine_similarity",
     "singular_values",
     "effective_rank",
+    "fourier_log_amplitude_diagonal",
     "fourier_delta_log_amplitude",
     "residual_ratio",
-    "spatial_attention",
-    "distance_matrix",
     "linear_cka",
     "rbf_cka",
-    "CKAAccumulator",
-    "CKAReducer",
-    "CrossModelCKA",
-    "cka_rows",
-    "analyze_model",
-    "metric_reducers",
-    "ALL_METRICS",
-    "SCALAR_METRICS",
-    "CURVE_METRICS",
+    "cka",
+    "gram_linear",
+    "gram_rbf",
+    "unbiased_centre",
+    "hsic1",
 ]

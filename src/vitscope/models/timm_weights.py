@@ -38,7 +38,7 @@ class WeightsLocation:
                          f"the Hugging Face cache it fills is {hf_cache_dir()})")
         if self.url and Path(urlparse(self.url).path).suffix in _LOADABLE_SUFFIXES:
             lines.append(f"{'or ' if lines else ''}download {self.url} and put it at {self.torch_hub_file}")
-        lines.append("then pass the file with weights=PATH (CLI: --weights PATH) or copy the cache folder here")
+        lines.append("then pass the file with weights=PATH (timm:NAME?weights=PATH) or copy the cache folder here")
         return "; ".join(lines)
 
 

@@ -1,7 +1,17 @@
 """Pretraining (MoCo v3, SimMIM, MAE, hybrid) and fine-tuning of timm ViTs.
 
-- :mod:`vitscope.pretrain.objectives` — the objectives and their losses;
-- :mod:`vitscope.pretrain.augment` — batched, seeded augmentations;
-- :mod:`vitscope.pretrain.trainer` — the training loop, checkpoints, resume, DDP;
-- :mod:`vitscope.pretrain.finetune` — end-to-end fine-tuning for classification.
+- :mod:`.objectives` — the objectives and their losses; :mod:`.augment` — batched, seeded augmentations;
+- :mod:`.batches` — training images and which of them each step takes;
+- :mod:`.optim` — schedules, parameter groups, precision, one clipped step;
+- :mod:`.checkpoint` — weights with their card, train state, RNG states, the step log;
+- :mod:`.distributed` — torchrun process groups;
+- :mod:`.loop` — the one training loop;
+- :mod:`.trainer` — a pretraining run; :mod:`.finetuning` — a fine-tuning run.
 """
+from vitscope.pretrain.finetuning import FinetuneConfig, FinetuneResult, finetune
+from vitscope.pretrain.loop import TrainingDiverged
+from vitscope.pretrain.objectives import METHODS, ObjectiveConfig, build_objective
+from vitscope.pretrain.trainer import PretrainResult, TrainConfig, pretrain
+
+__all__ = ["METHODS", "ObjectiveConfig", "build_objective", "TrainConfig", "PretrainResult", "pretrain",
+           "FinetuneConfig", "FinetuneResult", "finetune", "TrainingDiverged"]

@@ -90,17 +90,17 @@ def create_encoder(arch: str, model_kwargs: dict | None = None, *, sincos_pos: b
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError) as err:  # unknown model name / bad kwargs
-        raise ValueError(f"--model {arch!r} with --model-kwargs {model_kwargs}: {err}") from err
+        raise ValueError(f"model {arch!r} with kwargs {model_kwargs}: {err}") from err
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"--model {arch!r}: pretraining needs a timm VisionTransformer, got {type(model).__name__}")
+        raise ValueError(f"model {arch!r}: pretraining needs a timm VisionTransformer, got {type(model).__name__}")
     if model.cls_token is None or model.reg_token is not None or model.dynamic_img_size:
-        raise ValueError(f"--model {arch!r}: pretraining needs a class token, no register tokens and a fixed image size")
+        raise ValueError(f"model {arch!r}: pretraining needs a class token, no register tokens and a fixed image size")
     for block in model.blocks:  # train with fused attention (SDPA), whatever an analysis switched off
         if hasattr(block.attn, "fused_attn"):
             block.attn.fused_attn = True
     if sincos_pos:
         if model.pos_embed is None:
-            raise ValueError(f"--model {arch!r} has no absolute position embedding to make sin-cos")
+            raise ValueError(f"model {arch!r} has no absolute position embedding to make sin-cos")
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         model.pos_embed.data.copy_(sincos_pos_embed_2d(model.patch_embed.grid_size, model.embed_dim, prefix))
         model.pos_embed.requires_grad_(False)
@@ -279,7 +279,7 @@ class SimMIM(nn.Module):
         self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.6
         mask_patch = cfg.mask_patch_size or self.patch
         if mask_patch % self.patch:
-            raise ValueError(f"--mask-patch-size {mask_patch} must be a multiple of the patch size {self.patch}")
+            raise ValueError(f"mask_patch_size {mask_patch} must be a multiple of the patch size {self.patch}")
         self.mask_scale = mask_patch // self.patch
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -354,7 +354,7 @@ class MAE(nn.Module):
         self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.75
         n = self.grid[0] * self.grid[1]
         if int(n * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"--mask-ratio {self.mask_ratio} leaves no visible patch of {n}")
+            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch of {n}")
         dim = cfg.decoder_dim
         self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -422,7 +422,7 @@ class Hybrid(nn.Module):
     def __init__(self, encoder: VisionTransformer, cfg: ObjectiveConfig) -> None:
         super().__init__()
         if not 0.0 <= cfg.cl_weight <= 1.0:
-            raise ValueError(f"--cl-weight must be in [0, 1], got {cfg.cl_weight}")
+            raise ValueError(f"cl_weight must be in [0, 1], got {cfg.cl_weight}")
         self.cfg = cfg
         self.encoder = encoder
         self.cl = MoCoV3(encoder, cfg)
@@ -446,9 +446,9 @@ class Hybrid(nn.Module):
 def build_objective(arch: str, model_kwargs: dict | None, cfg: ObjectiveConfig) -> nn.Module:
     """The objective module for ``cfg.method`` around a fresh encoder (MoCo/MAE/hybrid: sin-cos positions)."""
     if cfg.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.mim not in ("simmim", "mae"):
-        raise ValueError(f"--mim must be simmim or mae, not {cfg.mim!r}")
+        raise ValueError(f"mim must be simmim or mae, not {cfg.mim!r}")
     uses_cl = cfg.method in ("moco", "hybrid")
     sincos = cfg.method != "simmim"
     encoder = create_encoder(arch, model_kwargs, sincos_pos=sincos, freeze_patch_embed=cfg.freeze_patch_embed and uses_cl)

@@ -1,4 +1,4 @@
-"""The papers' findings 1–7 (SPEC.md) checked on measured numbers: holds / does not hold / not measured.
+"""The papers' findings 1–7 (docs/claims.md) checked on measured numbers: holds / does not hold / not measured.
 
 Conventions (stated in every verdict's evidence):
 
@@ -24,9 +24,8 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 
-from vitscope.io import write_json_atomic
 from vitscope.report.series import ResultView, Series, thirds
-from vitscope.results import Results
+from vitscope.results import Results, RunDirectory
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 STATUSES = (HOLDS, FAILS, NOT_MEASURED)
@@ -391,7 +390,7 @@ def claim_layers(ctx: _Context) -> ClaimVerdict:
 def claim_hybrid(ctx: _Context) -> ClaimVerdict:
     title = "Hybrid (1 − λ)·L_MIM + λ·L_CL: beats both in probing; early layers like MIM, late like CL"
     if ctx.roles.hybrid is None:
-        return ClaimVerdict(7, title, NOT_MEASURED, "no hybrid model given (--hybrid)", {})
+        return ClaimVerdict(7, title, NOT_MEASURED, "no hybrid model given", {})
     numbers: dict = {}
     probes = {role: _probe(ctx, role, "last")[0] for role in ("hybrid", "cl", "mim")}
     numbers.update({f"{role}_last_probe": _value(e) for role, e in probes.items()})
@@ -434,7 +433,7 @@ def evaluate_claims(results: Results, cl: str, mim: str, control: str | None = N
     known = view.models()
     for role, label in (("cl", cl), ("mim", mim), ("control", control), ("hybrid", hybrid)):
         if label is not None and label not in known:
-            raise KeyError(f"--{role} {label!r}: no such model in the results; available: {', '.join(known) or 'none'}")
+            raise KeyError(f"{role} {label!r}: no such model in the results; available: {', '.join(known) or 'none'}")
     ctx = _Context(view, Roles(cl, mim, control, hybrid), tolerance)
     return [claim(ctx) for claim in CLAIMS]
 
@@ -448,40 +447,41 @@ def format_claims_table(verdicts: list[ClaimVerdict], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-CLAIMS_FILE = "claims.json"
-
-
-def save_claims(out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles,
-                tolerance: Tolerance = Tolerance()) -> Path:
-    """Write ``DIR/claims.json`` atomically: the roles, the tolerances and every verdict."""
-    path = Path(out_dir) / CLAIMS_FILE
-    write_json_atomic(path, {"roles": asdict(roles), "tolerance": asdict(tolerance),
-                             "verdicts": [v.to_dict() for v in verdicts]})
-    return path
-
-
 @dataclass(frozen=True)
 class ClaimsRecord:
-    """What ``claims.json`` holds."""
+    """What ``claims.json`` holds: the roles, the tolerances and every verdict."""
 
     roles: Roles
     verdicts: list[ClaimVerdict]
     tolerance: Tolerance = Tolerance()
 
+    def to_dict(self) -> dict:
+        return {"roles": asdict(self.roles), "tolerance": asdict(self.tolerance),
+                "verdicts": [v.to_dict() for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "claims.json") -> "ClaimsRecord":
+        """Read what :meth:`to_dict` wrote; a malformed record is a ValueError naming ``source``."""
+        try:
+            roles = Roles(**data["roles"])
+            verdicts = [ClaimVerdict(**v) for v in data["verdicts"]]
+            tolerance = Tolerance(**data.get("tolerance", {}))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{source}: not a vitscope claims file ({err})") from err
+        bad = [v.status for v in verdicts if v.status not in STATUSES]
+        if bad:
+            raise ValueError(f"{source}: unknown claim status {bad[0]!r}")
+        return cls(roles, verdicts, tolerance)
+
+
+def save_claims(out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles,
+                tolerance: Tolerance = Tolerance()) -> Path:
+    """Write the results directory's ``claims.json``: the roles, the tolerances and every verdict."""
+    return RunDirectory(out_dir).save_claims(ClaimsRecord(roles, verdicts, tolerance).to_dict())
+
 
 def load_claims(out_dir: str | Path) -> ClaimsRecord | None:
-    """Read ``DIR/claims.json`` if present; a malformed file is a ValueError naming it."""
-    path = Path(out_dir) / CLAIMS_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        roles = Roles(**data["roles"])
-        verdicts = [ClaimVerdict(**v) for v in data["verdicts"]]
-        tolerance = Tolerance(**data.get("tolerance", {}))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a vitscope claims file ({err})") from err
-    bad = [v.status for v in verdicts if v.status not in STATUSES]
-    if bad:
-        raise ValueError(f"{path}: unknown claim status {bad[0]!r}")
-    return ClaimsRecord(roles, verdicts, tolerance)
+    """The results directory's ``claims.json`` if present; a malformed file is a ValueError naming it."""
+    run_dir = RunDirectory(out_dir)
+    data = run_dir.load_claims()
+    return None if data is None else ClaimsRecord.from_dict(data, str(run_dir.path / run_dir.CLAIMS))

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogLocator, NullLocator
 
-from vitscope.io import write_bytes_atomic
 from vitscope.report.series import ResultView
+from vitscope.results import RunDirectory
 
 Arrays = Mapping[str, np.ndarray]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -415,11 +415,9 @@ def figure_bytes(figure: Figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(named: NamedFigure, fig_dir: Path, svg: bool = True) -> SavedFigure:
-    """Write ``KEY.png`` (and ``KEY.svg`` unless ``svg`` is False) under ``fig_dir`` atomically."""
-    png_path, svg_path = fig_dir / f"{named.key}.png", fig_dir / f"{named.key}.svg"
-    write_bytes_atomic(png_path, figure_bytes(named.figure, "png"))
+def save_figure(named: NamedFigure, run_dir: RunDirectory, svg: bool = True) -> SavedFigure:
+    """Write the figure as ``figures/KEY.png`` (and ``KEY.svg`` unless ``svg`` is False) in ``run_dir``."""
+    png_path = run_dir.save_figure(named.key, "png", figure_bytes(named.figure, "png"))
     named.figure.set_layout_engine("none")  # keep the layout the PNG computed; laying out again is slow
-    if svg:
-        write_bytes_atomic(svg_path, figure_bytes(named.figure, "svg"))
-    return SavedFigure(named.key, named.section, named.title, png_path, svg_path if svg else None)
+    svg_path = run_dir.save_figure(named.key, "svg", figure_bytes(named.figure, "svg")) if svg else None
+    return SavedFigure(named.key, named.section, named.title, png_path, svg_path)

@@ -1,7 +1,7 @@
-"""Every metric of :mod:`vitscope.metrics.functions`, streamed over a data set in one forward pass.
+"""Every metric of :mod:`vitscope.metrics`, streamed over a data set in one forward pass.
 
 Each reducer consumes :class:`~vitscope.capture.LayerOutput` s block by block (see
-:mod:`vitscope.metrics.stream`), reduces them to per-image values at once and keeps only running
+:mod:`vitscope.analyses.reducer`), reduces them to per-image values at once and keeps only running
 moments (count, mean, sum of squared deviations, merged per batch as in Chan et al.) on the
 device, in float64. Attention maps and tokens are dropped as soon as a block is reduced; nothing
 syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
@@ -14,26 +14,27 @@ syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
 - curves for figures: ``fourier_delta`` (column ``freq``) and ``singular_values`` (column ``index``).
 
 ``value`` is the mean over images, ``stderr`` its standard error (sample std / sqrt(n)), ``n`` the
-image count. Singular values and effective rank are per group of k images (SPEC), over the first
-``spectrum_groups`` groups only: their stderr is over groups, their ``n`` the images in them.
+image count. Singular values and effective rank are per group of k images (docs/metrics.md), over the
+first ``spectrum_groups`` groups only: their stderr is over groups, their ``n`` the images in them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture import Capture, LayerOutput, ModelFacts, ViTCapture, is_vision_transformer, make_capture
-from vitscope.data import Batch, SkipCounter
-from vitscope.metrics.functions import (
+from vitscope.analyses.driver import ModelPass, run_lockstep
+from vitscope.analyses.reducer import MomentsReducer, Reducer
+from vitscope.capture import LayerOutput, ModelFacts, make_capture
+from vitscope.data import SkipCounter
+from vitscope.metrics import (
     attention_distance,
     depth_cosine_similarity,
     effective_rank,
+    entropy_from_parts,
     fourier_log_amplitude_diagonal,
     head_cosine_similarity,
-    entropy_from_parts,
     key_marginal,
     mean_row_kl_to_uniform,
     nmi_from_parts,
@@ -42,15 +43,14 @@ from vitscope.metrics.functions import (
     spatial_attention_for_reduction,
     token_cosine_similarity,
 )
-from vitscope.metrics.stream import Reducer, run_reducers
-from vitscope.results import Results, Row, make_row
+from vitscope.results import Results
 
 __all__ = [
     "SCALAR_METRICS",
     "CURVE_METRICS",
     "ALL_METRICS",
-    "RunningMoments",
-    "MomentsReducer",
+    "ATTENTION_METRICS",
+    "BRANCH_METRICS",
     "AttentionReducer",
     "TokenCosineReducer",
     "HeadCosineReducer",
@@ -58,6 +58,7 @@ __all__ = [
     "SpectrumReducer",
     "FourierReducer",
     "ResidualRatioReducer",
+    "check_metrics",
     "metric_reducers",
     "analyze_model",
 ]
@@ -68,110 +69,10 @@ SCALAR_METRICS = (
 )
 CURVE_METRICS = ("fourier_delta", "singular_values")
 ALL_METRICS = SCALAR_METRICS + CURVE_METRICS
+ATTENTION_METRICS = ("attention_distance", "nmi", "attention_entropy", "head_cosine")  # need attention capture
+BRANCH_METRICS = ("residual_ratio_attn", "residual_ratio_mlp")  # need the residual branches
 
 
-# ------------------------------------------------------------------------------------- moments
-class RunningMoments:
-    """Streaming mean and sum of squared deviations of per-sample values [n, *shape] (float64).
-
-    Batches are merged with Chan et al.'s pairwise update, which stays exact where
-    Σx² − n·mean² would cancel (a large mean with a small spread).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def update(self, values: Tensor) -> None:
-        values = values.detach()
-        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
-        batch = values.shape[0]
-        if batch == 0:
-            return
-        batch_mean = values.mean(dim=0)
-        batch_m2 = (values - batch_mean).square().sum(dim=0)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = batch, batch_mean, batch_m2
-            return
-        total = self.count + batch
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (batch / total)
-        self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * batch / total)
-        self.count = total
-
-    def result(self) -> tuple[list, list | None]:
-        """(means, standard errors) as nested lists; standard errors are None below 2 samples."""
-        if self.mean is None or self.m2 is None:
-            raise RuntimeError("no values were added")
-        mean = self.mean.cpu().tolist()
-        if self.count < 2:
-            return mean, None
-        stderr = (self.m2 / (self.count - 1) / self.count).sqrt().cpu().tolist()
-        return mean, stderr
-
-
-@dataclass(frozen=True)
-class _Key:
-    metric: str
-    layer: int
-    column: str | None = None  # None: one value per sample; "head"/"freq"/"index": a vector per sample
-
-
-class MomentsReducer(Reducer):
-    """Base of the metric reducers: running moments per (metric, layer[, column]) and their rows.
-
-    Subclasses list the metric names they can emit in ``names`` and call :meth:`add` from
-    :meth:`update`; ``metrics`` restricts what they compute and report.
-    """
-
-    names: tuple[str, ...] = ()
-    images_per_sample: int = 1  # images behind one sample (k for per-group metrics)
-
-    def __init__(self, metrics: Iterable[str] | None = None) -> None:
-        wanted = set(self.names if metrics is None else metrics) & set(self.names)
-        if not wanted:
-            raise ValueError(f"{type(self).__name__} computes {self.names}; none of them was asked for")
-        self.wanted = wanted
-        self.moments: dict[_Key, RunningMoments] = {}
-
-    def wants(self, *names: str) -> bool:
-        return any(name in self.wanted for name in names)
-
-    def add(self, metric: str, layer: int, values: Tensor, column: str | None = None) -> None:
-        """Add per-sample ``values``: [B] (column None) or [B, K] (one value per column entry)."""
-        if metric not in self.wanted:
-            return
-        self.moments.setdefault(_Key(metric, layer, column), RunningMoments()).update(values)
-
-    def add_per_head(self, metric: str, layer: int, values: Tensor) -> None:
-        """Add [B, H] values: per head, and their mean over heads as the per-layer value."""
-        self.add(metric, layer, values, column="head")
-        self.add(metric, layer, values.mean(dim=-1))
-
-    def rows(self, model: str) -> list[Row]:
-        order = {name: i for i, name in enumerate(ALL_METRICS)}
-        keys = sorted(self.moments, key=lambda k: (order.get(k.metric, len(order)), k.metric, k.layer,
-                                                   k.column is not None))
-        rows: list[Row] = []
-        for key in keys:
-            moments = self.moments[key]
-            mean, stderr = moments.result()
-            n = moments.count * self.images_per_sample
-            if key.column is None:
-                rows.append(make_row(model, key.metric, key.layer, mean, stderr=stderr, n=n))
-                continue
-            for i, value in enumerate(mean):
-                err = None if stderr is None else stderr[i]
-                if key.column == "head":
-                    rows.append(make_row(model, key.metric, key.layer, value, head=i, stderr=err, n=n))
-                else:
-                    rows.append(make_row(model, key.metric, key.layer, value, stderr=err, n=n,
-                                         **{key.column: i}))
-        return rows
-
-
-# ------------------------------------------------------------------------------------ reducers
 class AttentionReducer(MomentsReducer):
     """attention_distance, nmi and attention_entropy from one spatial attention per block.
 
@@ -330,7 +231,7 @@ _FAMILIES: tuple[type[MomentsReducer], ...] = (
 _TRANSFORMER_ONLY = (AttentionReducer, HeadCosineReducer, ResidualRatioReducer)
 
 
-def _check_metrics(metrics: Iterable[str] | None) -> set[str]:
+def check_metrics(metrics: Iterable[str] | None) -> set[str]:
     if metrics is None:
         return set(ALL_METRICS)
     if isinstance(metrics, str):
@@ -349,7 +250,7 @@ def metric_reducers(facts: ModelFacts, metrics: Iterable[str] | None = None, *, 
     Attention, head and residual metrics are left out for models without transformer blocks.
     Add other reducers (probes, CKA) to the returned list to share the same forward pass.
     """
-    asked = _check_metrics(metrics)
+    asked = check_metrics(metrics)
     reducers: list[Reducer] = []
     for family in _FAMILIES:
         names = asked & set(family.names)
@@ -360,27 +261,6 @@ def metric_reducers(facts: ModelFacts, metrics: Iterable[str] | None = None, *, 
         else:
             reducers.append(family(names))
     return reducers
-
-
-def _capture_for(model: nn.Module, asked: set[str]) -> Capture:
-    if not is_vision_transformer(model):
-        return make_capture(model)
-    attention = bool(asked & {"attention_distance", "nmi", "attention_entropy", "head_cosine"})
-    branches = bool(asked & {"residual_ratio_attn", "residual_ratio_mlp"})
-    return ViTCapture(model, attention=attention, branches=branches)
-
-
-def _as_batches(loader: Iterable) -> Iterable[Batch]:
-    """Accept :class:`Batch` es, (images, labels) pairs or bare image tensors."""
-    for item in loader:
-        if isinstance(item, Batch):
-            yield item
-        elif isinstance(item, Tensor):
-            yield Batch(item, torch.full((len(item),), -1, dtype=torch.long))
-        elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
-            yield Batch(item[0], torch.as_tensor(item[1]))
-        else:
-            raise TypeError(f"loader yielded {type(item).__name__}; expected Batch, (images, labels) or a tensor")
 
 
 def analyze_model(model: nn.Module, loader: Iterable, *, label: str, metrics: Sequence[str] | None = None,
@@ -397,13 +277,14 @@ def analyze_model(model: nn.Module, loader: Iterable, *, label: str, metrics: Se
         dtype: autocast dtype on CUDA (bf16/fp16); reductions still run in float32.
         extra_reducers: more reducers (probes, CKA) fed by the same pass; their rows are appended.
     """
-    asked = _check_metrics(metrics)
+    asked = check_metrics(metrics)
     model = model.to(device).eval()
-    capture = _capture_for(model, asked)
+    capture = make_capture(model, attention=bool(asked & set(ATTENTION_METRICS)),
+                           branches=bool(asked & set(BRANCH_METRICS)))
     reducers = metric_reducers(capture.facts, asked, images_per_group=images_per_group,
                                spectrum_groups=spectrum_groups) + list(extra_reducers)
     skips = SkipCounter()
-    seen = run_reducers(capture, _as_batches(loader), reducers, device=device, dtype=dtype, skips=skips,
+    seen = run_lockstep([ModelPass(label, capture, reducers)], loader, device=device, dtype=dtype, skips=skips,
                         progress=progress)
     if seen == 0:
         raise ValueError(f"{label}: the loader yielded no images ({skips.report()})")

@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from vitscope.models.report import CheckpointMismatchError, LoadReport
+from vitscope.models.load_report import CheckpointMismatchError, LoadReport
 
 __all__ = ["create_timm_model", "load_into", "adapt_state_dict", "seeded"]
 

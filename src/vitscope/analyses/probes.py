@@ -12,13 +12,12 @@ Steps:
 3. :meth:`LinearProbes.top1` scores every layer on the test split; :func:`linear_probe` does 2–3
    for every feature kind and gives tidy rows (metric ``linear_probe_top1``, in percent).
 4. :meth:`LinearProbes.classifier` wraps one layer's probe and the model as ``images -> logits``
-   (for the frequency-noise experiment).
+   (for the frequency-noise experiment, :mod:`vitscope.analyses.noise`).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vitscope.analyses.features import pooled_features
+from vitscope.analyses.reducer import Reducer
 from vitscope.capture import Capture, LayerOutput, make_capture
-from vitscope.metrics.stream import Reducer
 from vitscope.results import Row, make_row
 from vitscope.runtime import single_threaded
 
@@ -42,32 +42,24 @@ PROBE_KINDS = ("cls", "gap")
 class FeatureBank(Reducer):
     """Per-depth CLS and GAP features of every image seen, float32 on the CPU.
 
-    Args:
-        class_token: whether ``tokens[:, 0]`` is a class token. None (default): yes when the capture
-            reports prefix tokens. Pass the capture's ``facts.has_class_token`` for models whose prefix
-            tokens are registers only.
+    CLS features are kept for models with a class token (:attr:`LayerOutput.has_class_token`; register
+    tokens alone are not one), GAP features for every model.
     """
 
-    def __init__(self, class_token: bool | None = None) -> None:
-        self.class_token = class_token
+    def __init__(self) -> None:
         self.depths: list[int] = []
         self._chunks: dict[str, dict[int, list[Tensor]]] = {kind: {} for kind in PROBE_KINDS}
         self._labels: list[Tensor] = []
         self._seen: list[int] = []
-
-    @classmethod
-    def for_capture(cls, capture: Capture) -> "FeatureBank":
-        return cls(class_token=capture.facts.has_class_token)
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
         self._labels.append(labels.detach().to("cpu", torch.long))
         self._seen = []
 
     def update(self, layer: LayerOutput) -> None:
-        self._store("gap", layer.depth, layer.spatial_tokens.mean(dim=1))
-        has_cls = layer.num_prefix_tokens > 0 if self.class_token is None else self.class_token
-        if has_cls:
-            self._store("cls", layer.depth, layer.tokens[:, 0])
+        for kind in PROBE_KINDS:
+            if kind == "gap" or layer.has_class_token:
+                self._store(kind, layer.depth, pooled_features(layer, kind))
         self._seen.append(layer.depth)
 
     def _store(self, kind: str, depth: int, feats: Tensor) -> None:
@@ -165,17 +157,10 @@ class LinearProbes:
             raise ValueError(f"no probe for depth {depth}; probes exist for depths {self.depths}")
         i = self.depths.index(depth)
         width = self.widths[i] if self.widths else int(self.weight.shape[1])
-        capture = model_or_capture if isinstance(model_or_capture, Capture) else _light_capture(model_or_capture)
+        capture = (model_or_capture if isinstance(model_or_capture, Capture)
+                   else make_capture(model_or_capture, attention=False, branches=False))
         return ProbeClassifier(capture, depth, self.kind, self.mean[i, :width], self.std[i, :width],
                                self.weight[i, :width], self.bias[i])
-
-
-def _light_capture(model: nn.Module) -> Capture:
-    from vitscope.capture import is_vision_transformer
-
-    if is_vision_transformer(model):
-        return make_capture(model, attention=False, branches=False)
-    return make_capture(model)
 
 
 def _standardiser(train: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -297,8 +282,7 @@ class ProbeClassifier(nn.Module):
 
         def grab(layer: LayerOutput) -> None:
             if layer.depth == self.depth:
-                feats = layer.spatial_tokens.mean(dim=1) if self.kind == "gap" else layer.tokens[:, 0]
-                found.append(feats.float())
+                found.append(pooled_features(layer, self.kind).float())
 
         self.capture.run(images, grab)
         if not found:

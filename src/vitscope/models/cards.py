@@ -1,8 +1,11 @@
-"""Models shipped with the package: ``bundled/NAME.safetensors`` beside a ``NAME.json`` model card.
+"""Model cards: the JSON beside a weights file that says how to rebuild the model.
 
-A card holds at least ``arch`` (a timm model name) and ``arch_kwargs`` (keyword arguments for
+Two kinds, one format: the ``encoder.json`` that ``vitscope pretrain`` writes beside
+``encoder.safetensors``, and the ``NAME.json`` beside each model shipped in ``vitscope/bundled/``. A card
+holds at least ``arch`` (a timm model name) and ``arch_kwargs`` (keyword arguments for
 ``timm.create_model``); it may add ``mean``/``std`` (input normalisation) and free-form description
-fields. ``load_model("bundled:NAME")`` builds ``arch`` with ``arch_kwargs`` and loads the weights.
+fields (method, step, data, training command, probe scores). ``load_model("file:PATH")`` and
+``load_model("bundled:NAME")`` build ``arch`` with ``arch_kwargs`` and load the weights strictly.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundledModel", "available", "find", "read_card", "BUNDLED_DIR"]
+__all__ = ["BundledModel", "available", "find", "read_card", "write_card", "card_beside", "BUNDLED_DIR",
+           "ENCODER_CARD"]
 
-BUNDLED_DIR = Path(__file__).resolve().parent
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
+ENCODER_CARD = "encoder.json"  # beside encoder.safetensors, written by `vitscope pretrain`
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,18 @@ def read_card(card_path: Path) -> dict[str, Any]:
     if not isinstance(card.get("arch_kwargs", {}), dict):
         raise ValueError(f"model card {card_path}: 'arch_kwargs' must be an object")
     return card
+
+
+def write_card(card_path: Path, card: dict[str, Any]) -> None:
+    """Write a model card atomically; it must name ``arch`` (and may give ``arch_kwargs``)."""
+    from vitscope.io import write_json_atomic
+
+    if not isinstance(card.get("arch"), str):
+        raise ValueError(f"model card {card_path} needs an 'arch' entry (a timm model name)")
+    write_json_atomic(card_path, card)
+
+
+def card_beside(weights: Path) -> Path | None:
+    """The ``encoder.json`` beside a weights file, if there is one."""
+    path = Path(weights).expanduser().with_name(ENCODER_CARD)
+    return path if path.is_file() else None

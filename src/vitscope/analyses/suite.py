@@ -1,0 +1,307 @@
+"""The whole suite on several models: every analysis of docs/metrics.md from one pass per split.
+
+:func:`analyze` walks the test images once with :func:`~vitscope.analyses.driver.run_lockstep`: each
+batch is transformed for every model (its own timm data config), and each model's capture feeds all of
+that model's reducers at once — the papers' metrics, CKA within the model and against every other
+model, probe features, spatial localisation and the attention maps of a few query tokens. A second
+pass over train images collects probe features. Then the per-layer linear probes are fitted, the
+last-layer probe is scored under frequency-band noise, and the tokens of a few images are embedded
+with t-SNE.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Mapping, Sequence
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import vitscope
+from vitscope.analyses.attention_maps import AttentionMaps
+from vitscope.analyses.cka import CKAReducer, CrossModelCKA
+from vitscope.analyses.driver import ModelPass, run_lockstep
+from vitscope.analyses.localisation import SpatialLocalisation
+from vitscope.analyses.moments import ALL_METRICS, metric_reducers
+from vitscope.analyses.noise import noise_robustness
+from vitscope.analyses.probes import FeatureBank, ProbeConfig, linear_probe
+from vitscope.analyses.tokens import pick_examples, token_tsne
+from vitscope.capture import make_capture
+from vitscope.data import (
+    Batch, MultiView, SkipCounter, StratifiedChoice, build_transform, choice_loader, collate_views, dataset_labels,
+    distinct_views, open_dataset, split_choices, stratified_subset,
+)
+from vitscope.results import Results
+
+__all__ = ["EXTRA_ANALYSES", "ALL_ANALYSES", "AnalysisConfig", "AnalysisOutput", "analyze"]
+
+EXTRA_ANALYSES = ("linear_probe", "noise", "cka", "tsne", "attention_maps", "localisation")
+ALL_ANALYSES = tuple(ALL_METRICS) + EXTRA_ANALYSES
+_COUNTS = ("num_images", "probe_train_images", "noise_images", "batch_size", "noise_bands", "probe_epochs",
+           "tsne_classes", "tsne_per_class", "attention_queries")
+
+
+@dataclass
+class AnalysisConfig:
+    """What to run and on how much data.
+
+    Attributes:
+        num_images: test images for the metrics, CKA and probe scoring (class-stratified, seeded).
+        probe_train_images: train images for the linear probes.
+        noise_images: test images scored under noise (a subset of the test images).
+        noise_relative_norm: noise L2 norm per image as a root-mean-square per input value, in the
+            model's normalised input space (0.5 ≈ 0.25 of the pixel range for mean/std 0.5 inputs).
+        analyses: names from :data:`ALL_ANALYSES`; None = all.
+    """
+
+    num_images: int = 512
+    probe_train_images: int = 2000
+    noise_images: int = 256
+    batch_size: int = 64
+    device: str = "cpu"
+    seed: int = 0
+    analyses: Sequence[str] | None = None
+    noise_bands: int = 5
+    noise_relative_norm: float = 0.5
+    probe_epochs: int = 100
+    tsne_classes: int = 4
+    tsne_per_class: int = 4
+    attention_queries: int = 3
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"AnalysisConfig.num_workers must be ≥ 0, got {self.num_workers}")
+        if self.noise_relative_norm < 0:
+            raise ValueError(f"AnalysisConfig.noise_relative_norm must be ≥ 0, got {self.noise_relative_norm}")
+
+    def wanted(self) -> set[str]:
+        asked = set(ALL_ANALYSES if self.analyses is None else self.analyses)
+        unknown = asked - set(ALL_ANALYSES)
+        if unknown:
+            raise ValueError(f"unknown analyses {sorted(unknown)}; choose from {', '.join(ALL_ANALYSES)}")
+        return asked
+
+
+@dataclass
+class AnalysisOutput:
+    """Tidy rows with the run's metadata, and the arrays the figures need (attention maps, t-SNE points,
+    spatial-localisation maps, an example image)."""
+
+    results: Results
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Model:
+    """One model's part in the suite: its pass and the reducers whose output is not rows."""
+
+    spec: str
+    model: nn.Module
+    run: ModelPass
+    test_bank: FeatureBank | None = None
+    train_bank: FeatureBank | None = None
+    maps: AttentionMaps | None = None
+    localisation: SpatialLocalisation | None = None
+
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+
+def _load_models(models: Mapping[str, nn.Module | str], device: str) -> list[_Model]:
+    from vitscope.models import load_model
+
+    loaded = []
+    for label, spec_or_model in models.items():
+        if isinstance(spec_or_model, nn.Module):
+            model, spec = spec_or_model, type(spec_or_model).__name__
+        else:
+            model, spec = load_model(spec_or_model), spec_or_model
+        model = model.to(device).eval()
+        loaded.append(_Model(spec, model, ModelPass(label, make_capture(model))))
+    return loaded
+
+
+def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisConfig) -> None:
+    for entry in models:
+        facts, reducers = entry.run.capture.facts, entry.run.reducers
+        reducers.extend(metric_reducers(facts, [m for m in ALL_METRICS if m in wanted]))
+        if "linear_probe" in wanted:
+            entry.test_bank = FeatureBank()
+            reducers.append(entry.test_bank)
+        if "cka" in wanted:
+            reducers.append(CKAReducer())
+        if "attention_maps" in wanted and facts.kind == "vit":
+            entry.maps = AttentionMaps(config.attention_queries)
+            reducers.append(entry.maps)
+        if "localisation" in wanted and facts.kind == "vit":
+            entry.localisation = SpatialLocalisation(depth=facts.num_layers)
+            reducers.append(entry.localisation)
+    if "cka" in wanted:
+        for a, b in combinations(models, 2):
+            pair = CrossModelCKA(a.label, b.label)
+            a.run.reducers.append(pair.side_a)
+            b.run.reducers.append(pair.side_b)
+
+
+def _loader(dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig) -> DataLoader:
+    return choice_loader(dataset, choice, batch_size=config.batch_size, num_workers=config.num_workers,
+                         collate=collate_views)
+
+
+def _model_meta(entry: _Model) -> dict:
+    facts = entry.run.capture.facts
+    image_hw = entry.run.image_hw or (0, 0)
+    grid = facts.grid_for(image_hw) if facts.kind == "vit" else None
+    return {"spec": entry.spec, "kind": facts.kind, "num_layers": facts.num_layers, "num_heads": facts.num_heads,
+            "num_prefix_tokens": facts.num_prefix_tokens, "grid": list(grid) if grid else None,
+            "patch_size": list(facts.patch_size), "num_tokens": grid[0] * grid[1] if grid else None,
+            "input_size": list(image_hw), "has_class_token": facts.has_class_token,
+            "parameters": sum(p.numel() for p in entry.model.parameters())}
+
+
+def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None) -> AnalysisOutput:
+    """Run every asked analysis on every model; return tidy results and arrays for figures.
+
+    Args:
+        models: label -> model spec (``timm:NAME``, ``mae:PATH``, ``bundled:NAME``, ...) or a module.
+        data: a data spec (``fashion-mnist``, ``folder:DIR``, ...).
+        config: what to run on how many images (default :class:`AnalysisConfig`).
+    """
+    config = config or AnalysisConfig()
+    wanted = config.wanted()
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    entries = _load_models(models, config.device)
+    views, view_of = distinct_views([build_transform(entry.model) for entry in entries])
+    for entry, view in zip(entries, view_of):
+        entry.run.view = view
+    transform = MultiView(views)
+    test_set = open_dataset(data, "test", transform)
+    train_set = open_dataset(data, "train", transform)
+    test_choice, train_choice = split_choices(
+        dataset_labels(test_set), len(test_set), dataset_labels(train_set), len(train_set),
+        same_source=not data.startswith("fashion-mnist"), num_test=config.num_images,
+        num_train=config.probe_train_images, seed=config.seed)
+    _attach_reducers(entries, wanted, config)
+    notes = [f"{entry.label}: not a transformer; attention metrics skipped, token metrics and CKA computed"
+             for entry in entries if entry.run.capture.facts.kind != "vit"]
+
+    skips = SkipCounter()
+    seen = run_lockstep([entry.run for entry in entries], _loader(test_set, test_choice, config),
+                        device=config.device, skips=skips, progress="analyse")
+    if seen == 0:
+        raise ValueError(f"data {data!r}: no readable images ({skips.report()})")
+
+    results = Results()
+    arrays: dict[str, np.ndarray] = {}
+    for entry in entries:
+        for reducer in entry.run.reducers:
+            results.extend(reducer.rows(entry.label))
+        if entry.maps is not None:
+            arrays.update(entry.maps.arrays(entry.label))
+        if entry.localisation is not None:
+            arrays[f"{entry.label}/localisation"] = entry.localisation.maps()
+
+    if "linear_probe" in wanted:
+        _probe_and_noise(entries, train_set, train_choice, test_set, test_choice, wanted, config, results, skips)
+    if "tsne" in wanted:
+        arrays.update(_tsne(entries, test_set, test_choice, config))
+    arrays.update(_example_image(entries, test_set, test_choice))
+
+    results.meta = {
+        "models": {entry.label: _model_meta(entry) for entry in entries},
+        "data": data, "num_images": seen, "probe_train_images": len(train_choice),
+        "skipped": [list(item) for item in skips.skipped], "analyses": sorted(wanted),
+        "config": asdict(config), "seed": config.seed, "notes": notes,
+        "versions": {"vitscope": vitscope.__version__, "torch": torch.__version__,
+                     "timm": timm.__version__, "python": platform.python_version()},
+        "device": config.device,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    return AnalysisOutput(results, arrays)
+
+
+def _probe_and_noise(entries: list[_Model], train_set: Dataset, train_choice: StratifiedChoice, test_set: Dataset,
+                     test_choice: StratifiedChoice, wanted: set[str], config: AnalysisConfig, results: Results,
+                     skips: SkipCounter) -> None:
+    passes = []
+    for entry in entries:
+        entry.train_bank = FeatureBank()
+        passes.append(ModelPass(entry.label, entry.run.capture, [entry.train_bank], entry.run.view))
+    run_lockstep(passes, _loader(train_set, train_choice, config), device=config.device, skips=skips,
+                 progress="probe features")
+    probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
+    noise_choice = _noise_choice(test_set, test_choice, config)
+    for entry in entries:
+        assert entry.train_bank is not None and entry.test_bank is not None
+        rows, probes = linear_probe(entry.train_bank, entry.test_bank, entry.label, config=probe_config, progress=None)
+        results.extend(rows)
+        if "noise" not in wanted:
+            continue
+        kind = "cls" if entry.run.capture.facts.has_class_token and "cls" in probes else "gap"
+        classifier = probes[kind].classifier(entry.model)
+        batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config))
+        outcome = noise_robustness(classifier, batches, num_bands=config.noise_bands,
+                                   relative_norm=config.noise_relative_norm, seed=config.seed,
+                                   device=config.device, progress=f"noise {entry.label}")
+        results.extend(outcome.rows(entry.label))
+
+
+def _noise_choice(test_set: Dataset, test_choice: StratifiedChoice, config: AnalysisConfig) -> StratifiedChoice:
+    """A stratified subset of the test images (seed + 2), with their replacement candidates."""
+    labels = dataset_labels(test_set)
+    positions = stratified_subset(None if labels is None else labels[test_choice.indices], config.noise_images,
+                                  config.seed + 2, total=len(test_choice))
+    return test_choice.subset(positions)
+
+
+def _load_all(dataset: Dataset, choice: StratifiedChoice) -> list[Batch]:
+    """The chosen images as one batch per view."""
+    loader = choice_loader(dataset, choice, batch_size=max(1, len(choice)), collate=collate_views)
+    return next(iter(loader))
+
+
+def _tsne(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice,
+          config: AnalysisConfig) -> dict[str, np.ndarray]:
+    labels = dataset_labels(test_set)
+    if labels is None or (labels[test_choice.indices] < 0).all():
+        return {}
+    subset_labels = labels[test_choice.indices]
+    counts = np.unique(subset_labels[subset_labels >= 0], return_counts=True)[1]
+    picked = pick_examples(subset_labels, num_classes=min(config.tsne_classes, len(counts)),
+                           per_class=max(1, min(config.tsne_per_class, int(counts.min()))), seed=config.seed)
+    views = _load_all(test_set, test_choice.subset(picked))
+    arrays = {}
+    for entry in tqdm(entries, desc="t-SNE", unit="model", leave=False):
+        images = views[entry.run.view].images.to(config.device)
+        h, w = entry.run.capture.facts.grid_for((int(images.shape[-2]), int(images.shape[-1])))
+        points = token_tsne(entry.run.capture, images, views[entry.run.view].labels, entry.run.capture.facts.num_layers,
+                            seed=config.seed, perplexity=min(30.0, (len(images) * h * w - 1) / 3))
+        arrays[f"{entry.label}/tsne_points"] = points["points"]
+        arrays[f"{entry.label}/tsne_labels"] = points["label"]
+        arrays[f"{entry.label}/tsne_image_ids"] = points["image_id"]
+    return arrays
+
+
+def _example_image(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice) -> dict[str, np.ndarray]:
+    """The first test image, de-normalised to [0, 1], for the attention-map figure."""
+    if not entries:
+        return {}
+    views = _load_all(test_set, test_choice.subset(np.arange(1)))
+    image = views[entries[0].run.view].images[0]
+    data_config = timm.data.resolve_data_config({}, model=entries[0].model)
+    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    return {"example_image": (image * std + mean).clamp(0, 1).numpy()}

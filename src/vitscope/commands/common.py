@@ -1,0 +1,90 @@
+"""What several commands share (this module is not a command): the user-facing error, argument types
+that name the flag when a value is wrong, the thread setting, and printing a run's verdict."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vitscope.results import Results, RunDirectory
+
+__all__ = ["CommandError", "positive_int", "non_negative_int", "json_object", "set_threads", "open_results",
+           "print_skipped", "verdict_and_report", "ROLE_NAMES"]
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (at least 1), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (for --model-kwargs)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (a command-line choice, so set here and not in the library)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def open_results(directory: str) -> tuple[RunDirectory, Results]:
+    """A results directory and its rows; a clear error when either is missing."""
+    run_dir = RunDirectory(directory)
+    try:
+        return run_dir, run_dir.check().load_results()
+    except FileNotFoundError as err:
+        raise CommandError(str(err)) from err
+
+
+def print_skipped(skipped: list, limit: int = 10) -> None:
+    """List the unreadable files a run skipped (and replaced), the first ``limit`` of them."""
+    import sys
+
+    for path, reason in skipped[:limit]:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"... and {len(skipped) - limit} more (all listed in metrics.json under meta.skipped)", file=sys.stderr)
+
+
+ROLE_NAMES = ("cl", "mim", "control", "hybrid")
+
+
+def verdict_and_report(out_dir: Path, roles: dict[str, str | None], render: bool) -> None:
+    """Evaluate, save and print the claims (when CL and MIM are named), then render the report."""
+    from vitscope.report import Roles, format_claims_table, render_report, write_verdict
+
+    if roles.get("cl") and roles.get("mim"):
+        record = write_verdict(out_dir, Roles(**{name: roles.get(name) for name in ROLE_NAMES}))
+        print(format_claims_table(record.verdicts))
+    if render:
+        print(f"report: {render_report(out_dir)}")

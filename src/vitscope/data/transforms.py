@@ -1,0 +1,58 @@
+"""Each model's own eval transform, from its timm data config."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["model_input_size", "build_transform", "MultiView", "distinct_views"]
+
+
+def model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The (H, W) a model was built for (timm ``patch_embed.img_size``), or None when dynamic/unknown."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None or getattr(patch_embed, "dynamic_img_size", False):
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def build_transform(model: torch.nn.Module, input_size: tuple[int, int] | None = None) -> Callable:
+    """Eval transform from the model's own data config (timm ``resolve_data_config``).
+
+    The input size is the one the model was built with (a ViT created with ``img_size=32`` gets 32 px,
+    whatever its pretrained config says) unless ``input_size`` overrides it. Small inputs (≤ 64 px)
+    are resized without a centre crop, since cropping a 28 px image loses the object.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    size = input_size or model_input_size(model) or tuple(config["input_size"][1:])
+    config["input_size"] = (3, int(size[0]), int(size[1]))
+    if max(size) <= 64:
+        config["crop_pct"] = 1.0
+    return create_transform(**config, is_training=False)
+
+
+class MultiView:
+    """Apply several transforms to one image: one view per distinct model input pipeline."""
+
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Any) -> tuple[Any, ...]:
+        return tuple(transform(image) for transform in self.transforms)
+
+
+def distinct_views(transforms: Sequence[Callable]) -> tuple[list[Callable], list[int]]:
+    """The distinct transforms (by their printed form) and, for each input transform, its view index."""
+    unique: dict[str, int] = {}
+    views: list[Callable] = []
+    index = []
+    for transform in transforms:
+        key = repr(transform)
+        if key not in unique:
+            unique[key] = len(views)
+            views.append(transform)
+        index.append(unique[key])
+    return views, index

@@ -1,0 +1,70 @@
+"""Render a results directory: every figure (PNG + SVG) and the self-contained ``report.html``.
+
+Works from the directory alone (``vitscope analyze --out DIR`` writes it): rows and metadata, the
+optional arrays and the optional verdict, all read through :class:`~vitscope.results.RunDirectory`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vitscope.report.claims import ClaimsRecord, ClaimVerdict, Roles, evaluate_claims, load_claims, save_claims
+from vitscope.report.figures import build_figures, save_figure
+from vitscope.report.html import render_html
+from vitscope.report.series import ResultView
+from vitscope.results import Results, RunDirectory
+
+__all__ = ["render_report", "write_verdict", "roles_from_meta"]
+
+
+def roles_from_meta(results: Results) -> Roles | None:
+    """The roles a run named (``meta['roles']``: cl, mim, control, hybrid), when it names CL and MIM."""
+    named = results.meta.get("roles") or {}
+    if named.get("cl") and named.get("mim"):
+        return Roles(named["cl"], named["mim"], named.get("control"), named.get("hybrid"))
+    return None
+
+
+def write_verdict(out_dir: str | Path, roles: Roles) -> ClaimsRecord:
+    """Evaluate the papers' claims on the saved results for ``roles`` and save ``claims.json``."""
+    results = RunDirectory(out_dir).check().load_results()
+    verdicts = evaluate_claims(results, **vars(roles))
+    save_claims(out_dir, verdicts, roles)
+    return ClaimsRecord(roles, verdicts)
+
+
+def _claims_for(out_dir: Path, results: Results, verdicts: list[ClaimVerdict] | None,
+                roles: Roles | None) -> ClaimsRecord | None:
+    """Verdicts given, else ``claims.json``, else evaluated from ``meta['roles']`` when the run names them."""
+    if verdicts is not None:
+        if roles is None:
+            raise ValueError("render_report: verdicts given without the roles they were evaluated for")
+        return ClaimsRecord(roles, verdicts)
+    saved = load_claims(out_dir)
+    if saved is not None:
+        return saved
+    meta_roles = roles_from_meta(results)
+    if meta_roles is not None:
+        return ClaimsRecord(meta_roles, evaluate_claims(results, **vars(meta_roles)))
+    return None
+
+
+def render_report(out_dir: str | Path, verdicts: list[ClaimVerdict] | None = None,
+                  roles: Roles | None = None, svg: bool = True) -> Path:
+    """Draw every figure into ``DIR/figures/`` (PNG, and SVG unless ``svg`` is False) and write
+    ``DIR/report.html`` with the PNGs embedded; return its path.
+
+    The claims table comes from ``verdicts`` (with their ``roles``), else from ``DIR/claims.json``, else
+    from ``meta['roles']`` (``{"cl": ..., "mim": ..., "control": ..., "hybrid": ...}``) when present.
+    """
+    run_dir = RunDirectory(out_dir).check()
+    results = run_dir.load_results()
+    view = ResultView(results)
+    arrays = run_dir.load_arrays()
+    claims = _claims_for(run_dir.path, results, verdicts, roles)
+    saved = []
+    for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False):
+        figure = save_figure(named, run_dir, svg=svg)
+        saved.append((figure, figure.png.read_bytes()))
+    return run_dir.save_report(render_html(view, saved, claims))
