@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitscope-installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test bench retrain-bundled clean
+.PHONY: setup demo lint test bench retrain-bundled clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -29,16 +29,22 @@ fashion-mnist:
 demo: setup
 	$(VENV)/bin/vitscope demo
 
-test: setup
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+# ruff (lint + format) and mypy on the code; part of `make test`, so CI runs them.
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+# tests/unit: functions and classes in-process; tests/integration: the CLI, subprocesses, DDP, the browser.
+test: setup lint
+	$(PY) -m pytest -q tests/unit tests/integration; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 # Retrain the bundled models from scratch (vitscope pretrain only; resumable), then package them.
-STEPS ?= 300
 retrain-bundled: setup
-	scripts/train_bundled.sh $(STEPS)
+	scripts/train_bundled.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -10,6 +10,7 @@
 
 Run: ``python benchmarks/bench_cka.py`` (prints the numbers of one run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,22 @@ LATENT = 16
 
 def mixing(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(LATENT, DIM_A, generator=g) for _ in range(LAYERS)],
-            [torch.randn(LATENT, d, generator=g) for d in DIMS_B])
+    return (
+        [torch.randn(LATENT, DIM_A, generator=g) for _ in range(LAYERS)],
+        [torch.randn(LATENT, d, generator=g) for d in DIMS_B],
+    )
 
 
-def batch_features(index: int, maps: tuple[list[torch.Tensor], list[torch.Tensor]]
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def batch_features(
+    index: int, maps: tuple[list[torch.Tensor], list[torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Features of batch ``index`` for both models: a shared latent plus layer-dependent noise."""
     g = torch.Generator().manual_seed(1000 + index)
     z = torch.randn(BATCH, LATENT, generator=g)
     feats_a = [z @ w + (0.2 + 0.3 * i) * torch.randn(BATCH, w.shape[1], generator=g) for i, w in enumerate(maps[0])]
-    feats_b = [torch.relu(z @ w) + (1.5 - 0.1 * i) * torch.randn(BATCH, w.shape[1], generator=g)
-               for i, w in enumerate(maps[1])]
+    feats_b = [
+        torch.relu(z @ w) + (1.5 - 0.1 * i) * torch.randn(BATCH, w.shape[1], generator=g) for i, w in enumerate(maps[1])
+    ]
     return feats_a, feats_b
 
 
@@ -55,8 +60,12 @@ def worker(num_images: int) -> dict:
         acc.update(*batch_features(index, maps))
     matrix = acc.matrix()
     seconds = time.perf_counter() - start
-    return {"images": num_images, "seconds": seconds, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "checksum": float(matrix.sum())}
+    return {
+        "images": num_images,
+        "seconds": seconds,
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "checksum": float(matrix.sum()),
+    }
 
 
 def compare_with_peer(num_images: int) -> None:
@@ -84,7 +93,8 @@ def compare_with_peer(num_images: int) -> None:
     print(f"peer ckatorch {_version('ckatorch')}, {num_images} images, 12x12, batch {BATCH}:")
     print(f"  vitscope CKAAccumulator : {ours_s:7.3f} s (one (L, b²) matmul per batch)")
     print(f"  ckatorch cka_batch      : {peer_s:7.3f} s (one call per layer pair)  -> {peer_s / ours_s:.1f}x")
-    print(f"  max |difference|        : {float((ours - peer).abs().max()):.2e}  (CKA range {float(ours.min()):.3f}..{float(ours.max()):.3f})")
+    difference = float((ours - peer).abs().max())
+    print(f"  max |difference|        : {difference:.2e}  (CKA range {float(ours.min()):.3f}..{float(ours.max()):.3f})")
 
 
 def _version(package: str) -> str:
@@ -107,7 +117,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 12 x 12 layers, batch {BATCH}, float64 Grams")
     results = []
     for size in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--worker", str(size)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", str(size)], capture_output=True, text=True, check=True
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(result)
         print(f"  {size:5d} images: {result['seconds']:7.3f} s, peak RSS {result['maxrss_mib']:7.1f} MiB")

@@ -16,25 +16,27 @@ model at 112 px, for a smoke test), it prints:
 
 Timings are the minimum over ``--repeats`` runs. Not a test: nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-import resource
 import os
+import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import timm
 import torch
 
+from vitscope.analyses import analyze_model
 from vitscope.capture import ViTCapture
 from vitscope.data import Batch
-from vitscope.analyses import analyze_model
 
 
 def build_model(quick: bool) -> torch.nn.Module:
@@ -112,7 +114,7 @@ def naive_suite(model: torch.nn.Module, images: torch.Tensor, groups: int = 2) -
     out["nmi"] = []
     for layer in layers()[1:]:
         attn = torch.from_numpy(notebook_spatial(layer.attn))
-        b, h, q, k = attn.shape
+        b, h, q, _k = attn.shape
         pq = torch.full((b, h, q), 1.0 / q)
         pk = (attn * pq[..., None]).sum(-2)
         mi = (attn * pq[..., None] * torch.log(attn / pk[:, :, None, :])).sum((-2, -1))
@@ -138,15 +140,17 @@ def naive_suite(model: torch.nn.Module, images: torch.Tensor, groups: int = 2) -
         out["head_cosine"].append(((gram.sum((-2, -1)) - h) / (h * (h - 1))).mean())
     out["depth_cosine"] = []
     kept = layers()
-    for before, after in zip(kept[:-1], kept[1:]):
+    for before, after in itertools.pairwise(kept):
         a, b = before.spatial_tokens.numpy(), after.spatial_tokens.numpy()
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
         out["depth_cosine"].append(cosine.mean())
     out["singular_values"] = []
     for layer in layers():
         tokens = layer.spatial_tokens.numpy()
-        spectra = [np.linalg.svd(tokens[2 * g : 2 * g + 2].reshape(-1, tokens.shape[-1]), compute_uv=False)
-                   for g in range(groups)]
+        spectra = [
+            np.linalg.svd(tokens[2 * g : 2 * g + 2].reshape(-1, tokens.shape[-1]), compute_uv=False)
+            for g in range(groups)
+        ]
         out["singular_values"].append(np.mean(spectra, axis=0))
     out["fourier"] = []
     for layer in layers():
@@ -217,28 +221,35 @@ def main() -> int:
     model = build_model(args.quick)
     size = model.patch_embed.img_size[0]
     images = next(random_batches(args.images, args.images, size)).images
-    print(f"model vit_small_patch16_224{' (quick: 4 blocks)' if args.quick else ''}, {size} px, "
-          f"{args.images} images, {torch.get_num_threads()} threads, random weights")
+    print(
+        f"model vit_small_patch16_224{' (quick: 4 blocks)' if args.quick else ''}, {size} px, "
+        f"{args.images} images, {torch.get_num_threads()} threads, random weights"
+    )
     bare_forward(model, images[:2])  # warm-up
 
     def suite() -> None:
-        analyze_model(model, [Batch(images, torch.zeros(len(images), dtype=torch.long))], label="bench",
-                      progress=None)
+        analyze_model(model, [Batch(images, torch.zeros(len(images), dtype=torch.long))], label="bench", progress=None)
 
     forward_s = best_time(lambda: bare_forward(model, images), args.repeats)
     suite_s = best_time(suite, args.repeats)
     naive_s = best_time(lambda: naive_suite(model, images), 1)
     print(f"bare forward (non-fused attention): {forward_s:8.2f} s")
-    print(f"one-pass metric suite:              {suite_s:8.2f} s   suite / forward = {suite_s / forward_s:5.2f}"
-          f"   (target <= 1.25)")
-    print(f"naive way (one pass per metric):    {naive_s:8.2f} s   naive / suite   = {naive_s / suite_s:5.2f}"
-          f"   (target >= 4)")
+    print(
+        f"one-pass metric suite:              {suite_s:8.2f} s   suite / forward = {suite_s / forward_s:5.2f}"
+        f"   (target <= 1.25)"
+    )
+    print(
+        f"naive way (one pass per metric):    {naive_s:8.2f} s   naive / suite   = {naive_s / suite_s:5.2f}"
+        f"   (target >= 4)"
+    )
 
     small = peak_memory(args.images, args.batch_size, args.quick)
     large = peak_memory(args.images * args.memory_factor, args.batch_size, args.quick)
     print(f"peak RSS, {args.images} images:  {small:8.1f} MiB")
-    print(f"peak RSS, {args.images * args.memory_factor} images: {large:8.1f} MiB   "
-          f"ratio = {large / small:5.3f}   (target within 10 %)")
+    print(
+        f"peak RSS, {args.images * args.memory_factor} images: {large:8.1f} MiB   "
+        f"ratio = {large / small:5.3f}   (target within 10 %)"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ clipping, AdamW) on Fashion-MNIST-sized uint8 images, and prints:
 Not a test: nothing is asserted. On a shared machine, run it when it is quiet (and compare runs
 only with the same --threads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,13 @@ TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads
 METHODS = ("moco", "simmim", "mae", "hybrid")
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,  # noqa: ANN001
-                             **kwargs) -> int:
+def _cpu_sdpa_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -67,7 +69,7 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def make_step(method: str, model_kwargs: dict, images: torch.Tensor):  # noqa: ANN201 - a closure
+def make_step(method: str, model_kwargs: dict, images: torch.Tensor):
     torch.manual_seed(0)
     objective = build_objective("vit_tiny_patch16_224", model_kwargs, ObjectiveConfig(method=method))
     optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
@@ -101,8 +103,15 @@ def bench_method(method: str, model_kwargs: dict, batch: int, steps: int) -> dic
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     total_flops = flops.get_total_flops()
-    return {"method": method, "img_size": size, "batch": batch, "step_s": median, "images_per_s": batch / median,
-            "flop_per_step": total_flops, "flop_per_s": total_flops / median}
+    return {
+        "method": method,
+        "img_size": size,
+        "batch": batch,
+        "step_s": median,
+        "images_per_s": batch / median,
+        "flop_per_step": total_flops,
+        "flop_per_s": total_flops / median,
+    }
 
 
 def main() -> None:
@@ -126,14 +135,23 @@ def main() -> None:
         row = bench_method(method, model_kwargs, args.batch_size, args.steps)
         row["fraction_of_matmul_peak"] = row["flop_per_s"] / peak
         rows.append(row)
-        print(f"{method:>8} {row['images_per_s']:>10.1f} {row['step_s'] * 1e3:>9.1f} {row['flop_per_step'] / 1e9:>11.2f}"
-              f" {row['flop_per_s'] / 1e9:>9.2f} {row['fraction_of_matmul_peak']:>8.1%}")
+        print(
+            f"{method:>8} {row['images_per_s']:>10.1f} {row['step_s'] * 1e3:>9.1f} {row['flop_per_step'] / 1e9:>11.2f}"
+            f" {row['flop_per_s'] / 1e9:>9.2f} {row['fraction_of_matmul_peak']:>8.1%}"
+        )
     # after the rows: the matmul peak again, since a shared machine's load drifts during the run
     peak_after = matmul_flops_per_s()
     print(f"peak after: {peak_after / 1e9:.1f} GFLOP/s")
     if args.json:
-        write_json_atomic(args.json, {"config": model_kwargs, "threads": torch.get_num_threads(),
-                                      "matmul_flop_per_s": [peak, peak_after], "rows": rows})
+        write_json_atomic(
+            args.json,
+            {
+                "config": model_kwargs,
+                "threads": torch.get_num_threads(),
+                "matmul_flop_per_s": [peak, peak_after],
+                "rows": rows,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ DEST/NAME.safetensors and writes DEST/NAME.json with the exact command, seed, st
 hardware, final loss and the per-layer linear-probe accuracy on Fashion-MNIST. Also scores an
 untrained model of the same architecture (the `random` control) for reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from vitscope.analyses import FeatureBank, ProbeConfig, linear_probe, run_reducers
 from vitscope.capture import make_capture
 from vitscope.data import build_transform, make_loader, open_dataset
 from vitscope.io import write_json_atomic
-from vitscope.analyses import FeatureBank, ProbeConfig, linear_probe, run_reducers
 from vitscope.models import load_model
 
 PROBE_TRAIN, PROBE_TEST = 5000, 2000
@@ -36,8 +37,9 @@ def probe_accuracy(model: torch.nn.Module, seed: int = 0) -> dict[str, list[floa
     banks = {}
     for split, count in (("train", PROBE_TRAIN), ("test", PROBE_TEST)):
         bank = FeatureBank()
-        loader = make_loader(open_dataset("fashion-mnist", split, transform), num_images=count, batch_size=256,
-                             seed=seed)
+        loader = make_loader(
+            open_dataset("fashion-mnist", split, transform), num_images=count, batch_size=256, seed=seed
+        )
         run_reducers(capture, loader, [bank], progress=f"probe features ({split})")
         banks[split] = bank
     rows, _ = linear_probe(banks["train"], banks["test"], "model", config=ProbeConfig(seed=seed), progress=None)
@@ -77,11 +79,22 @@ def last_log_line(log: Path) -> dict:
 
 def hardware() -> str:
     """Where the training script runs: this machine's CPU, one thread per run, three runs at a time."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
         else platform.machine()
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; one thread per training run "
-            f"(OMP_NUM_THREADS=1), three runs at a time (scripts/train_bundled.sh); torch {torch.__version__}")
+    )
+    return (
+        f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; one thread per training run "
+        f"(OMP_NUM_THREADS=1), three runs at a time (scripts/train_bundled.sh); torch {torch.__version__}"
+    )
 
 
 def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], command: str) -> dict:
@@ -108,7 +121,7 @@ def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], comma
         "data": "Fashion-MNIST train split (60,000 images, 28x28 grayscale expanded to 3 channels)",
         "linear_probe_top1": probe_accuracy(model),
         "linear_probe_protocol": f"per-layer linear probes on {PROBE_TRAIN} train / {PROBE_TEST} test images, "
-                                 "BatchNorm-standardised features, vitscope.probes defaults, seed 0",
+        "BatchNorm-standardised features, vitscope.probes defaults, seed 0",
         "packaged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     shutil.copyfile(run_dir / "encoder.safetensors", dest / f".{name}.safetensors.tmp")
@@ -132,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         card = package(runs / name, dest, name, walls, commands.get(name, ""))
         probe = card["linear_probe_top1"]
-        print(f"{name}: step {card['steps']}, final loss {card['final_loss']:.4f}, "
-              f"last-layer probe cls {probe.get('cls', ['-'])[-1]} / gap {probe['gap'][-1]}")
+        print(
+            f"{name}: step {card['steps']}, final loss {card['final_loss']:.4f}, "
+            f"last-layer probe cls {probe.get('cls', ['-'])[-1]} / gap {probe['gap'][-1]}"
+        )
     return 0
 
 

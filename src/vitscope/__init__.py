@@ -6,11 +6,22 @@ pure metric functions of :mod:`vitscope.metrics`) → results directory (:mod:`v
 (:mod:`vitscope.report`). Pretraining (:mod:`vitscope.pretrain`) sits beside it; :mod:`vitscope.data`
 feeds both; :mod:`vitscope.commands` are the CLI.
 """
+
 from vitscope.analyses import AnalysisConfig, analyze
 from vitscope.capture import Capture, FeatureCapture, LayerOutput, ModelFacts, ViTCapture, make_capture
 from vitscope.models import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Capture", "FeatureCapture", "LayerOutput", "ModelFacts", "ViTCapture", "make_capture", "load_model",
-           "AnalysisConfig", "analyze", "__version__"]
+__all__ = [
+    "Capture",
+    "FeatureCapture",
+    "LayerOutput",
+    "ModelFacts",
+    "ViTCapture",
+    "make_capture",
+    "load_model",
+    "AnalysisConfig",
+    "analyze",
+    "__version__",
+]

@@ -3,6 +3,7 @@
 Each command module defines ``configure(parser)`` (its arguments) and ``run(args) -> int``; it parses,
 calls the library and prints. ``vitscope.commands.common`` holds what several commands share.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ Rows have the columns ``model, metric, layer, head, value, stderr, n`` always (`
 ``feature`` (cls/gap), ``band`` (noise band index), ``freq`` (Fourier frequency index), ``index``
 (singular value rank), ``other_model`` and ``other_layer`` (CKA).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,10 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -37,13 +39,29 @@ FLOAT_COLUMNS = ("value", "stderr")
 Row = dict[str, Any]
 
 
-def make_row(model: str, metric: str, layer: int | None, value: float, *, head: int | None = None,
-             stderr: float | None = None, n: int | None = None, **extra: Any) -> Row:
+def make_row(
+    model: str,
+    metric: str,
+    layer: int | None,
+    value: float,
+    *,
+    head: int | None = None,
+    stderr: float | None = None,
+    n: int | None = None,
+    **extra: Any,
+) -> Row:
     unknown = set(extra) - set(EXTRA_COLUMNS)
     if unknown:
         raise KeyError(f"unknown result columns: {sorted(unknown)}")
-    row: Row = {"model": model, "metric": metric, "layer": layer, "head": head, "value": float(value),
-                "stderr": None if stderr is None else float(stderr), "n": n}
+    row: Row = {
+        "model": model,
+        "metric": metric,
+        "layer": layer,
+        "head": head,
+        "value": float(value),
+        "stderr": None if stderr is None else float(stderr),
+        "n": n,
+    }
     row.update(extra)
     return row
 
@@ -86,7 +104,7 @@ class Results:
         RunDirectory(out_dir).save_results(self)
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "Results":
+    def load(cls, out_dir: str | Path) -> Results:
         """Read a results directory's rows (see :meth:`RunDirectory.load_results`)."""
         return RunDirectory(out_dir).load_results()
 
@@ -107,13 +125,15 @@ class RunDirectory:
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
 
-    def check(self) -> "RunDirectory":
+    def check(self) -> RunDirectory:
         """Raise FileNotFoundError unless this is a directory holding saved results."""
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such results directory")
         if not (self.path / self.METRICS_JSON).exists() and not (self.path / self.METRICS_CSV).exists():
-            raise FileNotFoundError(f"{self.path}: no {self.METRICS_JSON} or {self.METRICS_CSV} "
-                                    f"(run `vitscope analyze --out {self.path}` first)")
+            raise FileNotFoundError(
+                f"{self.path}: no {self.METRICS_JSON} or {self.METRICS_CSV} "
+                f"(run `vitscope analyze --out {self.path}` first)"
+            )
         return self
 
     # -- rows -------------------------------------------------------------------------------------
@@ -139,9 +159,9 @@ class RunDirectory:
     # -- arrays -----------------------------------------------------------------------------------
     def save_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         """``arrays.npz`` (compressed; plain arrays only)."""
-        with atomic_path(self.path / self.ARRAYS) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
+        with atomic_path(self.path / self.ARRAYS) as tmp, open(tmp, "wb") as fh:
+            named: dict[str, Any] = dict(arrays)  # **Mapping[str, ndarray] could also fill allow_pickle: bool
+            np.savez_compressed(fh, **named)
 
     def load_arrays(self) -> dict[str, np.ndarray]:
         """``arrays.npz`` as a dict (empty when absent); no pickled objects are read."""
@@ -205,7 +225,7 @@ def _json_row(row: Row) -> Row:
 
 
 def _typed(raw: dict[str, Any]) -> Row:
-    row: Row = {k: None for k in COLUMNS}
+    row: Row = dict.fromkeys(COLUMNS)
     for key, value in raw.items():
         if value in ("", None):
             row[key] = None

@@ -4,10 +4,11 @@ Small problems (a few hundred t-SNE points, linear probes on [L, n, C] features)
 several threads and lose a lot to them on a busy machine: OpenMP and torch's intra-op threads spin
 while they wait. :func:`single_threaded` runs such work on one thread and restores the settings.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -11,6 +11,7 @@
   :mod:`.attention_maps` — attention of a few queries to look at;
 - :mod:`.suite` — all of them on several models at once (:func:`analyze`).
 """
+
 from vitscope.analyses.attention_maps import AttentionMaps
 from vitscope.analyses.cka import CKAAccumulator, CKAReducer, CrossModelCKA, cka_rows, cross_model_cka
 from vitscope.analyses.driver import ModelPass, run_lockstep, run_reducers
@@ -24,11 +25,41 @@ from vitscope.analyses.suite import ALL_ANALYSES, AnalysisConfig, AnalysisOutput
 from vitscope.analyses.tokens import pick_examples, svd_projection, token_tsne
 
 __all__ = [
-    "Reducer", "RunningMoments", "MomentsReducer", "ModelPass", "run_lockstep", "run_reducers",
-    "ALL_METRICS", "SCALAR_METRICS", "CURVE_METRICS", "metric_reducers", "analyze_model",
-    "CKAAccumulator", "CKAReducer", "CrossModelCKA", "cka_rows", "cross_model_cka", "FEATURE_KINDS",
-    "pooled_features", "FeatureBank", "LinearProbes", "ProbeConfig", "fit_linear_probes", "linear_probe",
-    "NoiseResult", "band_masks", "band_limited_noise", "noise_robustness", "pick_examples", "token_tsne",
-    "svd_projection", "SpatialLocalisation", "spatial_localisation", "AttentionMaps", "ALL_ANALYSES",
-    "AnalysisConfig", "AnalysisOutput", "analyze",
+    "Reducer",
+    "RunningMoments",
+    "MomentsReducer",
+    "ModelPass",
+    "run_lockstep",
+    "run_reducers",
+    "ALL_METRICS",
+    "SCALAR_METRICS",
+    "CURVE_METRICS",
+    "metric_reducers",
+    "analyze_model",
+    "CKAAccumulator",
+    "CKAReducer",
+    "CrossModelCKA",
+    "cka_rows",
+    "cross_model_cka",
+    "FEATURE_KINDS",
+    "pooled_features",
+    "FeatureBank",
+    "LinearProbes",
+    "ProbeConfig",
+    "fit_linear_probes",
+    "linear_probe",
+    "NoiseResult",
+    "band_masks",
+    "band_limited_noise",
+    "noise_robustness",
+    "pick_examples",
+    "token_tsne",
+    "svd_projection",
+    "SpatialLocalisation",
+    "spatial_localisation",
+    "AttentionMaps",
+    "ALL_ANALYSES",
+    "AnalysisConfig",
+    "AnalysisOutput",
+    "analyze",
 ]

@@ -1,4 +1,5 @@
 """Attention maps to look at: the head-averaged attention of a few query tokens of one image, per block."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,5 +44,7 @@ class AttentionMaps(Reducer):
     def arrays(self, label: str) -> dict[str, np.ndarray]:
         if not self.maps:
             return {}
-        return {f"{label}/attention_maps": torch.stack(self.maps).numpy(),
-                f"{label}/query_positions": np.array(self.queries, dtype=np.int64)}
+        return {
+            f"{label}/attention_maps": torch.stack(self.maps).numpy(),
+            f"{label}/query_positions": np.array(self.queries, dtype=np.int64),
+        }

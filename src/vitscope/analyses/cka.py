@@ -13,11 +13,12 @@ HSIC₁. No per-pair Python loop, no host sync per pair.
 Per-example features of a layer: see :func:`vitscope.analyses.features.pooled_features` (``gap`` by
 default, ``tokens``, ``cls``).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -54,8 +55,9 @@ class CKAAccumulator:
             numbers).
     """
 
-    def __init__(self, kernel: Kernel = "linear", *, rbf_threshold: float = 1.0,
-                 dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, kernel: Kernel = "linear", *, rbf_threshold: float = 1.0, dtype: torch.dtype = torch.float64
+    ) -> None:
         check_kernel(kernel)
         self.kernel = kernel
         self.rbf_threshold = rbf_threshold
@@ -85,8 +87,7 @@ class CKAAccumulator:
         sizes = {f.shape[0] for f in feats}
         if len(sizes) != 1:
             raise ValueError(f"all layers must hold the same examples; batch sizes {sorted(sizes)}")
-        return torch.stack([grams(as_2d("features", f).to(self.dtype), self.kernel, self.rbf_threshold)
-                            for f in feats])
+        return torch.stack([grams(as_2d("features", f).to(self.dtype), self.kernel, self.rbf_threshold) for f in feats])
 
     def update(self, feats_a: Sequence[Tensor] | Tensor, feats_b: Sequence[Tensor] | Tensor | None = None) -> None:
         """Add one batch: features of the same b examples for every a-layer (and b-layer)."""
@@ -109,7 +110,7 @@ class CKAAccumulator:
             xy, yy = ua @ ua.T, xx
         else:
             xy, yy = ua @ ub.T, ub.square().sum(dim=1)
-        if self._xy is None:
+        if self._xy is None or self._xx is None or self._yy is None:  # the first batch (all three are set together)
             self._xy, self._xx, self._yy = xy, xx, yy
         else:
             if xy.shape != self._xy.shape:
@@ -129,7 +130,7 @@ class CKAAccumulator:
     # -- results -----------------------------------------------------------------------------
     def hsic(self) -> tuple[Tensor, Tensor, Tensor]:
         """Mean HSIC₁ over batches: (a×b [La, Lb], a×a diagonal [La], b×b diagonal [Lb])."""
-        if self._xy is None:
+        if self._xy is None or self._xx is None or self._yy is None:
             raise RuntimeError("CKA: no batch of at least 4 examples was accumulated")
         return self._xy / self.num_batches, self._xx / self.num_batches, self._yy / self.num_batches
 
@@ -148,14 +149,23 @@ def _batch_size(feats: Sequence[Tensor] | Tensor) -> int:
     return int(feats[0].shape[0])
 
 
-def cka_rows(matrix: Tensor, model: str, other_model: str, layers: Sequence[int], other_layers: Sequence[int],
-             n: int | None = None) -> list[Row]:
+def cka_rows(
+    matrix: Tensor,
+    model: str,
+    other_model: str,
+    layers: Sequence[int],
+    other_layers: Sequence[int],
+    n: int | None = None,
+) -> list[Row]:
     """Tidy rows (metric ``cka``) of a [len(layers), len(other_layers)] CKA matrix."""
     if tuple(matrix.shape) != (len(layers), len(other_layers)):
         raise ValueError(f"CKA matrix {tuple(matrix.shape)} does not match {len(layers)} × {len(other_layers)} layers")
     values = matrix.tolist()
-    return [make_row(model, "cka", layer, values[i][j], n=n, other_model=other_model, other_layer=other)
-            for i, layer in enumerate(layers) for j, other in enumerate(other_layers)]
+    return [
+        make_row(model, "cka", layer, values[i][j], n=n, other_model=other_model, other_layer=other)
+        for i, layer in enumerate(layers)
+        for j, other in enumerate(other_layers)
+    ]
 
 
 # ------------------------------------------------------------------------------------- reducers
@@ -208,9 +218,15 @@ class CKAReducer(Reducer):
         depths: depths to include (default all the capture yields).
     """
 
-    def __init__(self, features: FeatureKind = "gap", kernel: Kernel = "linear", *,
-                 depths: Sequence[int] | None = None, rbf_threshold: float = 1.0,
-                 dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        features: FeatureKind = "gap",
+        kernel: Kernel = "linear",
+        *,
+        depths: Sequence[int] | None = None,
+        rbf_threshold: float = 1.0,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         self.accumulator = CKAAccumulator(kernel, rbf_threshold=rbf_threshold, dtype=dtype)
         self._batch = _BatchGrams(self.accumulator, features, depths)
 
@@ -241,7 +257,7 @@ class CKAReducer(Reducer):
 class CKASide(Reducer):
     """One model's half of a :class:`CrossModelCKA`: a Reducer that hands each batch to the pair."""
 
-    def __init__(self, pair: "CrossModelCKA", side: str, features: FeatureKind, depths: Sequence[int] | None) -> None:
+    def __init__(self, pair: CrossModelCKA, side: str, features: FeatureKind, depths: Sequence[int] | None) -> None:
         self.pair = pair
         self.side = side
         self._batch = _BatchGrams(pair.accumulator, features, depths)
@@ -277,10 +293,19 @@ class CrossModelCKA:
     ``other_model`` = model B's layer.
     """
 
-    def __init__(self, name_a: str, name_b: str, *, features: FeatureKind = "gap",
-                 features_b: FeatureKind | None = None, kernel: Kernel = "linear",
-                 depths_a: Sequence[int] | None = None, depths_b: Sequence[int] | None = None,
-                 rbf_threshold: float = 1.0, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        name_a: str,
+        name_b: str,
+        *,
+        features: FeatureKind = "gap",
+        features_b: FeatureKind | None = None,
+        kernel: Kernel = "linear",
+        depths_a: Sequence[int] | None = None,
+        depths_b: Sequence[int] | None = None,
+        rbf_threshold: float = 1.0,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         self.name_a, self.name_b = name_a, name_b
         self.accumulator = CKAAccumulator(kernel, rbf_threshold=rbf_threshold, dtype=dtype)
         self.side_a = CKASide(self, "a", features, depths_a)
@@ -291,16 +316,20 @@ class CrossModelCKA:
         name = self.name_a if side == "a" else self.name_b
         other = self.name_b if side == "a" else self.name_a
         if side in self._pending:
-            raise RuntimeError(f"CKA {self.name_a} vs {self.name_b}: {name} handed in two batches before {other} "
-                               "handed in one; run both models' captures on every batch")
+            raise RuntimeError(
+                f"CKA {self.name_a} vs {self.name_b}: {name} handed in two batches before {other} "
+                "handed in one; run both models' captures on every batch"
+            )
         self._pending[side] = (grams, batch_size, labels)
         if len(self._pending) < 2:
             return
         (ga, ba, la), (gb, bb, lb) = self._pending["a"], self._pending["b"]
         self._pending.clear()
         if ba != bb or (la is not None and lb is not None and not torch.equal(la.cpu(), lb.cpu())):
-            raise RuntimeError(f"CKA {self.name_a} vs {self.name_b}: the two models saw different batches "
-                               f"({ba} vs {bb} images or different labels)")
+            raise RuntimeError(
+                f"CKA {self.name_a} vs {self.name_b}: the two models saw different batches "
+                f"({ba} vs {bb} images or different labels)"
+            )
         if ga is None or gb is None:
             self.accumulator.skip_batch(ba)
             return
@@ -313,13 +342,28 @@ class CrossModelCKA:
     def rows(self, model_a: str | None = None) -> list[Row]:
         if self.accumulator.num_batches == 0:
             return []
-        return cka_rows(self.matrix(), model_a or self.name_a, self.name_b, self.side_a.depths,
-                        self.side_b.depths, self.accumulator.num_examples)
+        return cka_rows(
+            self.matrix(),
+            model_a or self.name_a,
+            self.name_b,
+            self.side_a.depths,
+            self.side_b.depths,
+            self.accumulator.num_examples,
+        )
 
 
-def cross_model_cka(capture_a: Capture, capture_b: Capture, batches, *, name_a: str = "a", name_b: str = "b",
-                    features: FeatureKind = "gap", kernel: Kernel = "linear", device: str | torch.device = "cpu",
-                    progress: str | None = "cka") -> CrossModelCKA:
+def cross_model_cka(
+    capture_a: Capture,
+    capture_b: Capture,
+    batches,
+    *,
+    name_a: str = "a",
+    name_b: str = "b",
+    features: FeatureKind = "gap",
+    kernel: Kernel = "linear",
+    device: str | torch.device = "cpu",
+    progress: str | None = "cka",
+) -> CrossModelCKA:
     """Run both captures on every batch and return the filled :class:`CrossModelCKA`."""
     from tqdm import tqdm
 

@@ -9,10 +9,11 @@ one-model case.
 Per batch and model the call order is ``begin_batch(images, labels)``, ``update(layer)`` for depth
 0..L, ``end_batch()`` (see :class:`~vitscope.analyses.reducer.Reducer`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,8 +51,10 @@ def as_batches(loader: Iterable) -> Iterable[list[Batch]]:
         elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
             yield [Batch(item[0], torch.as_tensor(item[1]))]
         else:
-            raise TypeError(f"loader yielded {type(item).__name__}; expected Batch, a list of Batch (views), "
-                            "(images, labels) or a tensor")
+            raise TypeError(
+                f"loader yielded {type(item).__name__}; expected Batch, a list of Batch (views), "
+                "(images, labels) or a tensor"
+            )
 
 
 def _run_one(model: ModelPass, batch: Batch, device: str | torch.device, dtype: torch.dtype | None) -> None:
@@ -75,9 +78,15 @@ def _run_one(model: ModelPass, batch: Batch, device: str | torch.device, dtype: 
         reducer.end_batch()
 
 
-def run_lockstep(models: Sequence[ModelPass], loader: Iterable, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, skips: SkipCounter | None = None,
-                 progress: str | None = "analyse") -> int:
+def run_lockstep(
+    models: Sequence[ModelPass],
+    loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    skips: SkipCounter | None = None,
+    progress: str | None = "analyse",
+) -> int:
     """One pass over ``loader``: every model runs on every batch, feeding its reducers. Returns the number
     of images seen (per model).
 
@@ -102,9 +111,22 @@ def run_lockstep(models: Sequence[ModelPass], loader: Iterable, *, device: str |
     return seen
 
 
-def run_reducers(capture: Capture, loader: Iterable, reducers: Sequence[Reducer], *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 skips: SkipCounter | None = None, progress: str | None = "capture") -> int:
+def run_reducers(
+    capture: Capture,
+    loader: Iterable,
+    reducers: Sequence[Reducer],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    skips: SkipCounter | None = None,
+    progress: str | None = "capture",
+) -> int:
     """:func:`run_lockstep` for one model: run ``capture`` once per batch, feeding every reducer."""
-    return run_lockstep([ModelPass("model", capture, list(reducers))], loader, device=device, dtype=dtype,
-                        skips=skips, progress=progress)
+    return run_lockstep(
+        [ModelPass("model", capture, list(reducers))],
+        loader,
+        device=device,
+        dtype=dtype,
+        skips=skips,
+        progress=progress,
+    )

@@ -1,4 +1,5 @@
 """Per-example features of one depth: what probes and CKA compare across images."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -6,9 +6,10 @@ information peaks at q = p. Streamed with the minibatch unbiased HSIC of
 :class:`~vitscope.analyses.cka.CKAAccumulator`, vectorised over positions (one [N, b²] × [b², N]
 matmul per batch).
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ class SpatialLocalisation(Reducer):
         if self.depth is None:
             deep = self.accumulator.centred_grams(deep.transpose(0, 1))
         if deep.shape[0] != self._base.shape[0]:
-            raise RuntimeError(f"depth {self._deep_depth} has {deep.shape[0]} positions, depth 0 has {self._base.shape[0]}")
+            raise RuntimeError(
+                f"depth {self._deep_depth} has {deep.shape[0]} positions, depth 0 has {self._base.shape[0]}"
+            )
         self.measured_depth = self._deep_depth
         self.accumulator.update_centred(deep, self._base)
         self._base = self._deep = None
@@ -94,12 +97,20 @@ class SpatialLocalisation(Reducer):
         n = self.accumulator.num_examples
         own = matrix.diagonal()
         hits = (matrix.argmax(dim=1) == torch.arange(matrix.shape[0])).double().mean()
-        return [make_row(model, "spatial_self_cka", self.measured_depth, float(own.mean()), n=n),
-                make_row(model, "spatial_peak_hit", self.measured_depth, float(hits), n=n)]
+        return [
+            make_row(model, "spatial_self_cka", self.measured_depth, float(own.mean()), n=n),
+            make_row(model, "spatial_peak_hit", self.measured_depth, float(hits), n=n),
+        ]
 
 
-def spatial_localisation(capture: Capture, batches: Iterable[Batch], *, depth: int | None = None,
-                         device: str | torch.device = "cpu", progress: str | None = "localisation") -> np.ndarray:
+def spatial_localisation(
+    capture: Capture,
+    batches: Iterable[Batch],
+    *,
+    depth: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: str | None = "localisation",
+) -> np.ndarray:
     """Run :class:`SpatialLocalisation` over ``batches``; returns the [N, h, w] maps."""
     reducer = SpatialLocalisation(depth)
     run_reducers(capture, batches, [reducer], device=device, progress=progress)

@@ -17,9 +17,10 @@ syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
 image count. Singular values and effective rank are per group of k images (docs/metrics.md), over the
 first ``spectrum_groups`` groups only: their stderr is over groups, their ``n`` the images in them.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +65,16 @@ __all__ = [
 ]
 
 SCALAR_METRICS = (
-    "attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
-    "effective_rank", "fourier_high", "residual_ratio_attn", "residual_ratio_mlp",
+    "attention_distance",
+    "nmi",
+    "attention_entropy",
+    "token_cosine",
+    "head_cosine",
+    "depth_cosine",
+    "effective_rank",
+    "fourier_high",
+    "residual_ratio_attn",
+    "residual_ratio_mlp",
 )
 CURVE_METRICS = ("fourier_delta", "singular_values")
 ALL_METRICS = SCALAR_METRICS + CURVE_METRICS
@@ -87,8 +96,9 @@ class AttentionReducer(MomentsReducer):
             return
         probs = spatial_attention_for_reduction(layer.attn, layer.num_prefix_tokens)
         if self.wants("attention_distance"):
-            self.add_per_head("attention_distance", layer.depth,
-                              attention_distance(probs, layer.grid, layer.patch_size))
+            self.add_per_head(
+                "attention_distance", layer.depth, attention_distance(probs, layer.grid, layer.patch_size)
+            )
         if self.wants("nmi", "attention_entropy"):
             row_kl = mean_row_kl_to_uniform(probs)
             self.add_per_head("attention_entropy", layer.depth, entropy_from_parts(row_kl, probs.shape[-1]))
@@ -156,8 +166,9 @@ class SpectrumReducer(MomentsReducer):
 
     names = ("effective_rank", "singular_values")
 
-    def __init__(self, metrics: Iterable[str] | None = None, *, images_per_group: int = 2,
-                 max_groups: int | None = 2) -> None:
+    def __init__(
+        self, metrics: Iterable[str] | None = None, *, images_per_group: int = 2, max_groups: int | None = 2
+    ) -> None:
         super().__init__(metrics)
         if images_per_group < 1:
             raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
@@ -225,8 +236,13 @@ class ResidualRatioReducer(MomentsReducer):
 
 
 _FAMILIES: tuple[type[MomentsReducer], ...] = (
-    AttentionReducer, TokenCosineReducer, HeadCosineReducer, DepthCosineReducer, SpectrumReducer,
-    FourierReducer, ResidualRatioReducer,
+    AttentionReducer,
+    TokenCosineReducer,
+    HeadCosineReducer,
+    DepthCosineReducer,
+    SpectrumReducer,
+    FourierReducer,
+    ResidualRatioReducer,
 )
 _TRANSFORMER_ONLY = (AttentionReducer, HeadCosineReducer, ResidualRatioReducer)
 
@@ -243,8 +259,13 @@ def check_metrics(metrics: Iterable[str] | None) -> set[str]:
     return asked
 
 
-def metric_reducers(facts: ModelFacts, metrics: Iterable[str] | None = None, *, images_per_group: int = 2,
-                    spectrum_groups: int | None = 2) -> list[Reducer]:
+def metric_reducers(
+    facts: ModelFacts,
+    metrics: Iterable[str] | None = None,
+    *,
+    images_per_group: int = 2,
+    spectrum_groups: int | None = 2,
+) -> list[Reducer]:
     """The reducers that compute ``metrics`` (default: all of :data:`ALL_METRICS`) for a model.
 
     Attention, head and residual metrics are left out for models without transformer blocks.
@@ -263,10 +284,19 @@ def metric_reducers(facts: ModelFacts, metrics: Iterable[str] | None = None, *, 
     return reducers
 
 
-def analyze_model(model: nn.Module, loader: Iterable, *, label: str, metrics: Sequence[str] | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  images_per_group: int = 2, spectrum_groups: int | None = 2,
-                  extra_reducers: Sequence[Reducer] = (), progress: str | None = "metrics") -> Results:
+def analyze_model(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    label: str,
+    metrics: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    images_per_group: int = 2,
+    spectrum_groups: int | None = 2,
+    extra_reducers: Sequence[Reducer] = (),
+    progress: str | None = "metrics",
+) -> Results:
     """All asked metrics of ``model`` over ``loader`` in one forward pass per batch.
 
     Args:
@@ -279,18 +309,28 @@ def analyze_model(model: nn.Module, loader: Iterable, *, label: str, metrics: Se
     """
     asked = check_metrics(metrics)
     model = model.to(device).eval()
-    capture = make_capture(model, attention=bool(asked & set(ATTENTION_METRICS)),
-                           branches=bool(asked & set(BRANCH_METRICS)))
-    reducers = metric_reducers(capture.facts, asked, images_per_group=images_per_group,
-                               spectrum_groups=spectrum_groups) + list(extra_reducers)
+    capture = make_capture(
+        model, attention=bool(asked & set(ATTENTION_METRICS)), branches=bool(asked & set(BRANCH_METRICS))
+    )
+    reducers = metric_reducers(
+        capture.facts, asked, images_per_group=images_per_group, spectrum_groups=spectrum_groups
+    ) + list(extra_reducers)
     skips = SkipCounter()
-    seen = run_lockstep([ModelPass(label, capture, reducers)], loader, device=device, dtype=dtype, skips=skips,
-                        progress=progress)
+    seen = run_lockstep(
+        [ModelPass(label, capture, reducers)], loader, device=device, dtype=dtype, skips=skips, progress=progress
+    )
     if seen == 0:
         raise ValueError(f"{label}: the loader yielded no images ({skips.report()})")
-    results = Results(meta={"models": [label], "images": {label: seen}, "skipped": {label: skips.count},
-                            "metrics": [m for m in ALL_METRICS if m in asked],
-                            "images_per_group": images_per_group, "spectrum_groups": spectrum_groups})
+    results = Results(
+        meta={
+            "models": [label],
+            "images": {label: seen},
+            "skipped": {label: skips.count},
+            "metrics": [m for m in ALL_METRICS if m in asked],
+            "images_per_group": images_per_group,
+            "spectrum_groups": spectrum_groups,
+        }
+    )
     for reducer in reducers:
         results.extend(reducer.rows(label))
     return results

@@ -11,11 +11,12 @@ Steps:
    noisy, percentage points) of any ``images -> logits`` callable, e.g. the last layer's linear probe
    (:meth:`vitscope.probes.LinearProbes.classifier`).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -57,8 +58,9 @@ def band_masks(h: int, w: int, num_bands: int) -> Tensor:
     return masks
 
 
-def band_limited_noise(shape: tuple[int, ...], mask: Tensor, norm: float, *,
-                       generator: torch.Generator | None = None) -> Tensor:
+def band_limited_noise(
+    shape: tuple[int, ...], mask: Tensor, norm: float, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Gaussian noise [B, C, H, W] whose FFT lies in ``mask`` [H, W], each image's L2 norm = ``norm``.
 
     The noise is drawn on the CPU from ``generator`` (reproducible), float32.
@@ -92,14 +94,24 @@ class NoiseResult:
 
     def rows(self, model: str) -> list[Row]:
         """Tidy rows: metric ``noise_drop``, column ``band`` (0 = lowest frequency)."""
-        return [make_row(model, "noise_drop", None, drop, n=self.num_images, band=band)
-                for band, drop in enumerate(self.drops)]
+        return [
+            make_row(model, "noise_drop", None, drop, n=self.num_images, band=band)
+            for band, drop in enumerate(self.drops)
+        ]
 
 
 @torch.no_grad()
-def noise_robustness(classifier: Classifier, batches: Iterable[Batch], *, num_bands: int = 5,
-                     norm: float | None = None, relative_norm: float = 0.1, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: str | None = "noise") -> NoiseResult:
+def noise_robustness(
+    classifier: Classifier,
+    batches: Iterable[Batch],
+    *,
+    num_bands: int = 5,
+    norm: float | None = None,
+    relative_norm: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: str | None = "noise",
+) -> NoiseResult:
     """Top-1 drop of ``classifier`` under noise of each frequency band.
 
     Args:
@@ -131,5 +143,4 @@ def noise_robustness(classifier: Classifier, batches: Iterable[Batch], *, num_ba
         total += b
     if total == 0:
         raise ValueError("noise robustness: no images")
-    return NoiseResult(100.0 * clean / total, (100.0 * noisy.double() / total).tolist(), total,
-                       float(scale))
+    return NoiseResult(100.0 * clean / total, (100.0 * noisy.double() / total).tolist(), total, float(scale))

@@ -14,12 +14,13 @@ Steps:
 4. :meth:`LinearProbes.classifier` wraps one layer's probe and the model as ``images -> logits``
    (for the frequency-noise experiment, :mod:`vitscope.analyses.noise`).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,15 @@ from vitscope.capture import Capture, LayerOutput, make_capture
 from vitscope.results import Row, make_row
 from vitscope.runtime import single_threaded
 
-__all__ = ["FeatureBank", "ProbeConfig", "LinearProbes", "ProbeClassifier", "fit_linear_probes", "linear_probe",
-           "probe_rows"]
+__all__ = [
+    "FeatureBank",
+    "ProbeConfig",
+    "LinearProbes",
+    "ProbeClassifier",
+    "fit_linear_probes",
+    "linear_probe",
+    "probe_rows",
+]
 
 PROBE_KINDS = ("cls", "gap")
 
@@ -139,8 +147,9 @@ class LinearProbes:
     def logits(self, feats: Tensor) -> Tensor:
         """feats [L, n, C] -> logits [L, n, K]."""
         feats = feats.to(self.weight.device, torch.float32)
-        return torch.baddbmm(self.bias.unsqueeze(1), (feats - self.mean.unsqueeze(1)) / self.std.unsqueeze(1),
-                             self.weight)
+        return torch.baddbmm(
+            self.bias.unsqueeze(1), (feats - self.mean.unsqueeze(1)) / self.std.unsqueeze(1), self.weight
+        )
 
     @torch.no_grad()
     def top1(self, feats: Tensor, labels: Tensor) -> Tensor:
@@ -150,17 +159,21 @@ class LinearProbes:
         pred = self.logits(feats).argmax(dim=-1)
         return (pred == labels.to(pred.device)).float().mean(dim=1).mul(100).cpu()
 
-    def classifier(self, model_or_capture: nn.Module | Capture, depth: int | None = None) -> "ProbeClassifier":
+    def classifier(self, model_or_capture: nn.Module | Capture, depth: int | None = None) -> ProbeClassifier:
         """One layer's probe (default: the deepest) on top of the model, as ``images -> logits``."""
         depth = self.depths[-1] if depth is None else depth
         if depth not in self.depths:
             raise ValueError(f"no probe for depth {depth}; probes exist for depths {self.depths}")
         i = self.depths.index(depth)
         width = self.widths[i] if self.widths else int(self.weight.shape[1])
-        capture = (model_or_capture if isinstance(model_or_capture, Capture)
-                   else make_capture(model_or_capture, attention=False, branches=False))
-        return ProbeClassifier(capture, depth, self.kind, self.mean[i, :width], self.std[i, :width],
-                               self.weight[i, :width], self.bias[i])
+        capture = (
+            model_or_capture
+            if isinstance(model_or_capture, Capture)
+            else make_capture(model_or_capture, attention=False, branches=False)
+        )
+        return ProbeClassifier(
+            capture, depth, self.kind, self.mean[i, :width], self.std[i, :width], self.weight[i, :width], self.bias[i]
+        )
 
 
 def _standardiser(train: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -170,9 +183,15 @@ def _standardiser(train: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def fit_linear_probes(train_feats: Tensor, train_labels: Tensor, *, num_classes: int | None = None,
-                      config: ProbeConfig = ProbeConfig(), depths: Sequence[int] | None = None,
-                      progress: str | None = None) -> LinearProbes:
+def fit_linear_probes(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    *,
+    num_classes: int | None = None,
+    config: ProbeConfig = ProbeConfig(),
+    depths: Sequence[int] | None = None,
+    progress: str | None = None,
+) -> LinearProbes:
     """Train one linear classifier per layer on [L, n, C] features, all layers at once.
 
     AdamW with a cosine learning-rate decay, cross-entropy; zero-initialised maps; minibatch order
@@ -202,15 +221,25 @@ def fit_linear_probes(train_feats: Tensor, train_labels: Tensor, *, num_classes:
     generator = torch.Generator().manual_seed(config.seed)
     with single_threaded() if device.type == "cpu" else nullcontext():
         _train_probes(x, labels, weight, bias, optimizer, config, batch, total, generator, progress)
-    probes = LinearProbes(list(depths) if depths is not None else list(range(num_layers)),
-                          mean, std, weight.detach(), bias.detach())
+    probes = LinearProbes(
+        list(depths) if depths is not None else list(range(num_layers)), mean, std, weight.detach(), bias.detach()
+    )
     probes.train_top1 = probes.top1(feats, labels)
     return probes
 
 
-def _train_probes(x: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, optimizer: torch.optim.Optimizer,
-                  config: ProbeConfig, batch: int, total: int, generator: torch.Generator,
-                  progress: str | None) -> None:
+def _train_probes(
+    x: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    optimizer: torch.optim.Optimizer,
+    config: ProbeConfig,
+    batch: int,
+    total: int,
+    generator: torch.Generator,
+    progress: str | None,
+) -> None:
     """Minibatch AdamW with cosine decay over ``total`` steps; all layers in one batched matmul."""
     num_layers, n, _ = x.shape
     num_classes = weight.shape[-1]
@@ -234,12 +263,20 @@ def _train_probes(x: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, optim
 # ------------------------------------------------------------------------------------- reports
 def probe_rows(model: str, kind: str, depths: Sequence[int], top1: Tensor, n: int) -> list[Row]:
     """Tidy rows: metric ``linear_probe_top1`` (percent), one per layer, column ``feature``."""
-    return [make_row(model, "linear_probe_top1", depth, float(acc), n=n, feature=kind)
-            for depth, acc in zip(depths, top1.tolist())]
+    return [
+        make_row(model, "linear_probe_top1", depth, float(acc), n=n, feature=kind)
+        for depth, acc in zip(depths, top1.tolist())
+    ]
 
 
-def linear_probe(train: FeatureBank, test: FeatureBank, model: str, *, config: ProbeConfig = ProbeConfig(),
-                 progress: str | None = "probe") -> tuple[list[Row], dict[str, LinearProbes]]:
+def linear_probe(
+    train: FeatureBank,
+    test: FeatureBank,
+    model: str,
+    *,
+    config: ProbeConfig = ProbeConfig(),
+    progress: str | None = "probe",
+) -> tuple[list[Row], dict[str, LinearProbes]]:
     """Train probes of every depth and kind on ``train``, score them on ``test``.
 
     Returns the rows and the trained probes per kind (``probes['gap'].classifier(model)`` gives the
@@ -254,8 +291,14 @@ def linear_probe(train: FeatureBank, test: FeatureBank, model: str, *, config: P
     rows: list[Row] = []
     probes: dict[str, LinearProbes] = {}
     for kind in train.kinds:
-        fitted = fit_linear_probes(train.features(kind), train_labels, num_classes=num_classes, config=config,
-                                   depths=train.depths, progress=None if progress is None else f"{progress} {kind}")
+        fitted = fit_linear_probes(
+            train.features(kind),
+            train_labels,
+            num_classes=num_classes,
+            config=config,
+            depths=train.depths,
+            progress=None if progress is None else f"{progress} {kind}",
+        )
         fitted.kind, fitted.widths = kind, train.widths(kind)
         rows += probe_rows(model, kind, train.depths, fitted.top1(test.features(kind), test_labels), len(test))
         probes[kind] = fitted
@@ -266,8 +309,14 @@ def linear_probe(train: FeatureBank, test: FeatureBank, model: str, *, config: P
 class ProbeClassifier(nn.Module):
     """A model plus one layer's linear probe: images [B, 3, H, W] -> logits [B, K]."""
 
-    def __init__(self, capture: Capture, depth: int, kind: str, mean: Tensor, std: Tensor, weight: Tensor,
-                 bias: Tensor) -> None:
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    def __init__(
+        self, capture: Capture, depth: int, kind: str, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor
+    ) -> None:
         super().__init__()
         if kind not in PROBE_KINDS:
             raise ValueError(f"kind must be one of {PROBE_KINDS}, not {kind!r}")

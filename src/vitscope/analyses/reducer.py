@@ -1,10 +1,12 @@
 """The streaming protocol: a :class:`Reducer` consumes one model's layers batch by batch, keeps only
 running state, and turns it into tidy rows; :class:`RunningMoments` and :class:`MomentsReducer` are the
 mean ± standard error machinery the metric reducers share."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,8 +66,8 @@ class RunningMoments:
         self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * batch / total)
         self.count = total
 
-    def result(self) -> tuple[list, list | None]:
-        """(means, standard errors) as nested lists; standard errors are None below 2 samples."""
+    def result(self) -> tuple[Any, Any | None]:
+        """(means, standard errors) as nested lists (a float for scalars); standard errors are None below 2 samples."""
         if self.mean is None or self.m2 is None:
             raise RuntimeError("no values were added")
         mean = self.mean.cpu().tolist()
@@ -115,8 +117,9 @@ class MomentsReducer(Reducer):
 
     def rows(self, model: str) -> list[Row]:
         order = {name: i for i, name in enumerate(self.names)}
-        keys = sorted(self.moments, key=lambda k: (order.get(k.metric, len(order)), k.metric, k.layer,
-                                                   k.column is not None))
+        keys = sorted(
+            self.moments, key=lambda k: (order.get(k.metric, len(order)), k.metric, k.layer, k.column is not None)
+        )
         rows: list[Row] = []
         for key in keys:
             moments = self.moments[key]
@@ -130,6 +133,5 @@ class MomentsReducer(Reducer):
                 if key.column == "head":
                     rows.append(make_row(model, key.metric, key.layer, value, head=i, stderr=err, n=n))
                 else:
-                    rows.append(make_row(model, key.metric, key.layer, value, stderr=err, n=n,
-                                         **{key.column: i}))
+                    rows.append(make_row(model, key.metric, key.layer, value, stderr=err, n=n, **{key.column: i}))
         return rows

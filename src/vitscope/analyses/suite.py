@@ -8,13 +8,14 @@ pass over train images collects probe features. Then the per-layer linear probes
 last-layer probe is scored under frequency-band noise, and the tokens of a few images are embedded
 with t-SNE.
 """
+
 from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
-from typing import Mapping, Sequence
 
 import numpy as np
 import timm
@@ -34,8 +35,18 @@ from vitscope.analyses.probes import FeatureBank, ProbeConfig, linear_probe
 from vitscope.analyses.tokens import pick_examples, token_tsne
 from vitscope.capture import make_capture
 from vitscope.data import (
-    Batch, MultiView, SkipCounter, StratifiedChoice, build_transform, choice_loader, collate_views, dataset_labels,
-    distinct_views, open_dataset, split_choices, stratified_subset,
+    Batch,
+    MultiView,
+    SkipCounter,
+    StratifiedChoice,
+    build_transform,
+    choice_loader,
+    collate_views,
+    dataset_labels,
+    distinct_views,
+    open_dataset,
+    split_choices,
+    stratified_subset,
 )
 from vitscope.results import Results
 
@@ -43,8 +54,17 @@ __all__ = ["EXTRA_ANALYSES", "ALL_ANALYSES", "AnalysisConfig", "AnalysisOutput",
 
 EXTRA_ANALYSES = ("linear_probe", "noise", "cka", "tsne", "attention_maps", "localisation")
 ALL_ANALYSES = tuple(ALL_METRICS) + EXTRA_ANALYSES
-_COUNTS = ("num_images", "probe_train_images", "noise_images", "batch_size", "noise_bands", "probe_epochs",
-           "tsne_classes", "tsne_per_class", "attention_queries")
+_COUNTS = (
+    "num_images",
+    "probe_train_images",
+    "noise_images",
+    "batch_size",
+    "noise_bands",
+    "probe_epochs",
+    "tsne_classes",
+    "tsne_per_class",
+    "attention_queries",
+)
 
 
 @dataclass
@@ -156,19 +176,28 @@ def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisCon
 
 
 def _loader(dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig) -> DataLoader:
-    return choice_loader(dataset, choice, batch_size=config.batch_size, num_workers=config.num_workers,
-                         collate=collate_views)
+    return choice_loader(
+        dataset, choice, batch_size=config.batch_size, num_workers=config.num_workers, collate=collate_views
+    )
 
 
 def _model_meta(entry: _Model) -> dict:
     facts = entry.run.capture.facts
     image_hw = entry.run.image_hw or (0, 0)
     grid = facts.grid_for(image_hw) if facts.kind == "vit" else None
-    return {"spec": entry.spec, "kind": facts.kind, "num_layers": facts.num_layers, "num_heads": facts.num_heads,
-            "num_prefix_tokens": facts.num_prefix_tokens, "grid": list(grid) if grid else None,
-            "patch_size": list(facts.patch_size), "num_tokens": grid[0] * grid[1] if grid else None,
-            "input_size": list(image_hw), "has_class_token": facts.has_class_token,
-            "parameters": sum(p.numel() for p in entry.model.parameters())}
+    return {
+        "spec": entry.spec,
+        "kind": facts.kind,
+        "num_layers": facts.num_layers,
+        "num_heads": facts.num_heads,
+        "num_prefix_tokens": facts.num_prefix_tokens,
+        "grid": list(grid) if grid else None,
+        "patch_size": list(facts.patch_size),
+        "num_tokens": grid[0] * grid[1] if grid else None,
+        "input_size": list(image_hw),
+        "has_class_token": facts.has_class_token,
+        "parameters": sum(p.numel() for p in entry.model.parameters()),
+    }
 
 
 def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None) -> AnalysisOutput:
@@ -191,16 +220,30 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
     test_set = open_dataset(data, "test", transform)
     train_set = open_dataset(data, "train", transform)
     test_choice, train_choice = split_choices(
-        dataset_labels(test_set), len(test_set), dataset_labels(train_set), len(train_set),
-        same_source=not data.startswith("fashion-mnist"), num_test=config.num_images,
-        num_train=config.probe_train_images, seed=config.seed)
+        dataset_labels(test_set),
+        len(test_set),
+        dataset_labels(train_set),
+        len(train_set),
+        same_source=not data.startswith("fashion-mnist"),
+        num_test=config.num_images,
+        num_train=config.probe_train_images,
+        seed=config.seed,
+    )
     _attach_reducers(entries, wanted, config)
-    notes = [f"{entry.label}: not a transformer; attention metrics skipped, token metrics and CKA computed"
-             for entry in entries if entry.run.capture.facts.kind != "vit"]
+    notes = [
+        f"{entry.label}: not a transformer; attention metrics skipped, token metrics and CKA computed"
+        for entry in entries
+        if entry.run.capture.facts.kind != "vit"
+    ]
 
     skips = SkipCounter()
-    seen = run_lockstep([entry.run for entry in entries], _loader(test_set, test_choice, config),
-                        device=config.device, skips=skips, progress="analyse")
+    seen = run_lockstep(
+        [entry.run for entry in entries],
+        _loader(test_set, test_choice, config),
+        device=config.device,
+        skips=skips,
+        progress="analyse",
+    )
     if seen == 0:
         raise ValueError(f"data {data!r}: no readable images ({skips.report()})")
 
@@ -222,26 +265,44 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
 
     results.meta = {
         "models": {entry.label: _model_meta(entry) for entry in entries},
-        "data": data, "num_images": seen, "probe_train_images": len(train_choice),
-        "skipped": [list(item) for item in skips.skipped], "analyses": sorted(wanted),
-        "config": asdict(config), "seed": config.seed, "notes": notes,
-        "versions": {"vitscope": vitscope.__version__, "torch": torch.__version__,
-                     "timm": timm.__version__, "python": platform.python_version()},
+        "data": data,
+        "num_images": seen,
+        "probe_train_images": len(train_choice),
+        "skipped": [list(item) for item in skips.skipped],
+        "analyses": sorted(wanted),
+        "config": asdict(config),
+        "seed": config.seed,
+        "notes": notes,
+        "versions": {
+            "vitscope": vitscope.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
         "device": config.device,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     return AnalysisOutput(results, arrays)
 
 
-def _probe_and_noise(entries: list[_Model], train_set: Dataset, train_choice: StratifiedChoice, test_set: Dataset,
-                     test_choice: StratifiedChoice, wanted: set[str], config: AnalysisConfig, results: Results,
-                     skips: SkipCounter) -> None:
+def _probe_and_noise(
+    entries: list[_Model],
+    train_set: Dataset,
+    train_choice: StratifiedChoice,
+    test_set: Dataset,
+    test_choice: StratifiedChoice,
+    wanted: set[str],
+    config: AnalysisConfig,
+    results: Results,
+    skips: SkipCounter,
+) -> None:
     passes = []
     for entry in entries:
         entry.train_bank = FeatureBank()
         passes.append(ModelPass(entry.label, entry.run.capture, [entry.train_bank], entry.run.view))
-    run_lockstep(passes, _loader(train_set, train_choice, config), device=config.device, skips=skips,
-                 progress="probe features")
+    run_lockstep(
+        passes, _loader(train_set, train_choice, config), device=config.device, skips=skips, progress="probe features"
+    )
     probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
     noise_choice = _noise_choice(test_set, test_choice, config)
     for entry in entries:
@@ -253,17 +314,27 @@ def _probe_and_noise(entries: list[_Model], train_set: Dataset, train_choice: St
         kind = "cls" if entry.run.capture.facts.has_class_token and "cls" in probes else "gap"
         classifier = probes[kind].classifier(entry.model)
         batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config))
-        outcome = noise_robustness(classifier, batches, num_bands=config.noise_bands,
-                                   relative_norm=config.noise_relative_norm, seed=config.seed,
-                                   device=config.device, progress=f"noise {entry.label}")
+        outcome = noise_robustness(
+            classifier,
+            batches,
+            num_bands=config.noise_bands,
+            relative_norm=config.noise_relative_norm,
+            seed=config.seed,
+            device=config.device,
+            progress=f"noise {entry.label}",
+        )
         results.extend(outcome.rows(entry.label))
 
 
 def _noise_choice(test_set: Dataset, test_choice: StratifiedChoice, config: AnalysisConfig) -> StratifiedChoice:
     """A stratified subset of the test images (seed + 2), with their replacement candidates."""
     labels = dataset_labels(test_set)
-    positions = stratified_subset(None if labels is None else labels[test_choice.indices], config.noise_images,
-                                  config.seed + 2, total=len(test_choice))
+    positions = stratified_subset(
+        None if labels is None else labels[test_choice.indices],
+        config.noise_images,
+        config.seed + 2,
+        total=len(test_choice),
+    )
     return test_choice.subset(positions)
 
 
@@ -273,22 +344,33 @@ def _load_all(dataset: Dataset, choice: StratifiedChoice) -> list[Batch]:
     return next(iter(loader))
 
 
-def _tsne(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice,
-          config: AnalysisConfig) -> dict[str, np.ndarray]:
+def _tsne(
+    entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice, config: AnalysisConfig
+) -> dict[str, np.ndarray]:
     labels = dataset_labels(test_set)
     if labels is None or (labels[test_choice.indices] < 0).all():
         return {}
     subset_labels = labels[test_choice.indices]
     counts = np.unique(subset_labels[subset_labels >= 0], return_counts=True)[1]
-    picked = pick_examples(subset_labels, num_classes=min(config.tsne_classes, len(counts)),
-                           per_class=max(1, min(config.tsne_per_class, int(counts.min()))), seed=config.seed)
+    picked = pick_examples(
+        subset_labels,
+        num_classes=min(config.tsne_classes, len(counts)),
+        per_class=max(1, min(config.tsne_per_class, int(counts.min()))),
+        seed=config.seed,
+    )
     views = _load_all(test_set, test_choice.subset(picked))
     arrays = {}
     for entry in tqdm(entries, desc="t-SNE", unit="model", leave=False):
         images = views[entry.run.view].images.to(config.device)
         h, w = entry.run.capture.facts.grid_for((int(images.shape[-2]), int(images.shape[-1])))
-        points = token_tsne(entry.run.capture, images, views[entry.run.view].labels, entry.run.capture.facts.num_layers,
-                            seed=config.seed, perplexity=min(30.0, (len(images) * h * w - 1) / 3))
+        points = token_tsne(
+            entry.run.capture,
+            images,
+            views[entry.run.view].labels,
+            entry.run.capture.facts.num_layers,
+            seed=config.seed,
+            perplexity=min(30.0, (len(images) * h * w - 1) / 3),
+        )
         arrays[f"{entry.label}/tsne_points"] = points["points"]
         arrays[f"{entry.label}/tsne_labels"] = points["label"]
         arrays[f"{entry.label}/tsne_image_ids"] = points["image_id"]
@@ -296,11 +378,17 @@ def _tsne(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoic
 
 
 def _example_image(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice) -> dict[str, np.ndarray]:
-    """The first test image, de-normalised to [0, 1], for the attention-map figure."""
+    """The first readable test image (the one the attention maps show), de-normalised to [0, 1]."""
     if not entries:
         return {}
-    views = _load_all(test_set, test_choice.subset(np.arange(1)))
-    image = views[entries[0].run.view].images[0]
+    image = None
+    for start in range(0, len(test_choice), 16):
+        views = _load_all(test_set, test_choice.subset(np.arange(start, min(start + 16, len(test_choice)))))
+        if len(views[0].images):
+            image = views[entries[0].run.view].images[0]
+            break
+    if image is None:
+        return {}
     data_config = timm.data.resolve_data_config({}, model=entries[0].model)
     mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
     std = torch.tensor(data_config["std"]).view(3, 1, 1)

@@ -8,9 +8,10 @@
 The t-SNE and SVD outputs are dicts of numpy arrays ready to plot: ``points`` [M, 2], ``image_id`` [M],
 ``label`` [M], ``token`` [M] (position in the grid).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ __all__ = ["pick_examples", "spatial_tokens_at", "token_tsne", "svd_projection"]
 Points = dict[str, np.ndarray]
 
 
-def pick_examples(labels: Sequence[int] | np.ndarray, *, num_classes: int = 3, per_class: int = 6,
-                  seed: int = 0) -> np.ndarray:
+def pick_examples(
+    labels: Sequence[int] | np.ndarray, *, num_classes: int = 3, per_class: int = 6, seed: int = 0
+) -> np.ndarray:
     """Indices of ``per_class`` images from each of ``num_classes`` classes (seeded choice), sorted by class."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -63,14 +65,24 @@ def _token_index(num_images: int, num_tokens: int, labels: Tensor | np.ndarray) 
     labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
     if len(labels) != num_images:
         raise ValueError(f"{num_images} images but {len(labels)} labels")
-    return {"image_id": np.repeat(np.arange(num_images), num_tokens),
-            "label": np.repeat(labels, num_tokens),
-            "token": np.tile(np.arange(num_tokens), num_images)}
+    return {
+        "image_id": np.repeat(np.arange(num_images), num_tokens),
+        "label": np.repeat(labels, num_tokens),
+        "token": np.tile(np.arange(num_tokens), num_images),
+    }
 
 
-def token_tsne(capture: Capture, images: Tensor, labels: Tensor | np.ndarray, depth: int, *,
-               perplexity: float = 20.0, seed: int = 0, max_iter: int = 1000,
-               method: str = "barnes_hut") -> Points:
+def token_tsne(
+    capture: Capture,
+    images: Tensor,
+    labels: Tensor | np.ndarray,
+    depth: int,
+    *,
+    perplexity: float = 20.0,
+    seed: int = 0,
+    max_iter: int = 1000,
+    method: str = "barnes_hut",
+) -> Points:
     """t-SNE of the spatial tokens of ``images`` at ``depth``: points [B·N, 2] plus indices.
 
     ``method`` is scikit-learn's (``barnes_hut`` or ``exact``, the latter for a few hundred tokens).
@@ -82,15 +94,23 @@ def token_tsne(capture: Capture, images: Tensor, labels: Tensor | np.ndarray, de
     flat = tokens.reshape(b * n, c).double().numpy()
     if perplexity >= len(flat):
         raise ValueError(f"perplexity {perplexity} must be below the number of tokens {len(flat)}")
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", max_iter=max_iter,
-                random_state=seed, method=method)
+    tsne = TSNE(
+        n_components=2,
+        perplexity=perplexity,
+        init="pca",
+        learning_rate="auto",
+        max_iter=max_iter,
+        random_state=seed,
+        method=method,
+    )
     with single_threaded():  # a few hundred points: threads only spin (4x slower on a busy 2-core machine)
         points = tsne.fit_transform(flat).astype(np.float32)
     return {"points": points, **_token_index(b, n, labels)}
 
 
-def svd_projection(capture: Capture, images: Tensor, labels: Tensor | np.ndarray, depth: int, *,
-                   center: bool = True) -> dict[str, Points | np.ndarray]:
+def svd_projection(
+    capture: Capture, images: Tensor, labels: Tensor | np.ndarray, depth: int, *, center: bool = True
+) -> dict[str, Points | np.ndarray]:
     """Tokens of depth ``depth − 1`` ("before") and ``depth`` ("after") on the top-2 right singular
     vectors of the "before" tokens (all images' spatial tokens stacked, [B·N, C]).
 
@@ -110,6 +130,8 @@ def svd_projection(capture: Capture, images: Tensor, labels: Tensor | np.ndarray
     _, sigma, vh = torch.linalg.svd(x0 - offset, full_matrices=False)
     basis = vh[:2].T  # [C, 2]
     index = _token_index(b, n, labels)
-    return {"before": {"points": ((x0 - offset) @ basis).float().numpy(), **index},
-            "after": {"points": ((x1 - offset) @ basis).float().numpy(), **index},
-            "singular_values": sigma.numpy()}
+    return {
+        "before": {"points": ((x0 - offset) @ basis).float().numpy(), **index},
+        "after": {"points": ((x1 - offset) @ basis).float().numpy(), **index},
+        "singular_values": sigma.numpy(),
+    }

@@ -19,6 +19,7 @@ tokens [B, h·w, C] with no prefix, so that the same consumers (CKA, GAP probes)
 Modules: :mod:`.layer` (what a depth yields, the :class:`Capture` interface), :mod:`.vit`
 (transformers), :mod:`.features` (CNN stages), :mod:`.auto` (:func:`make_capture` picks one).
 """
+
 from vitscope.capture.auto import make_capture
 from vitscope.capture.features import FeatureCapture
 from vitscope.capture.layer import Capture, LayerOutput, ModelFacts, OnLayer, spatial_attention

@@ -1,4 +1,5 @@
 """The right capture for a model."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,7 +1,8 @@
 """Capture for CNNs and other non-transformers: per-stage feature maps laid out as tokens [B, h·w, C]."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +56,10 @@ class FeatureCapture(Capture):
         def make_hook(depth: int, stride: int) -> Callable:
             def hook(_m: nn.Module, _args: tuple, output: Tensor) -> None:
                 if output.ndim != 4:
-                    raise RuntimeError(f"{self.module_names[depth - 1]} gave shape {tuple(output.shape)}, expected [B, C, H, W]")
-                b, c, h, w = output.shape
+                    raise RuntimeError(
+                        f"{self.module_names[depth - 1]} gave shape {tuple(output.shape)}, expected [B, C, H, W]"
+                    )
+                _b, _c, h, w = output.shape
                 tokens = output.flatten(2).transpose(1, 2)
                 on_layer(LayerOutput(depth, tokens, (h, w), 0, (stride, stride)))
 
@@ -71,5 +74,3 @@ class FeatureCapture(Capture):
         finally:
             for handle in handles:
                 handle.remove()
-
-

@@ -1,9 +1,11 @@
 """What one depth of one forward pass yields (:class:`LayerOutput`), what a model is (:class:`ModelFacts`),
 and the :class:`Capture` interface every capture implements."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -117,7 +119,7 @@ class Capture:
         kept: list[LayerOutput] = []
 
         def keep(layer: LayerOutput) -> None:
-            cloned = {
+            cloned: dict[str, Any] = {
                 name: (value.detach().clone() if isinstance(value, Tensor) else value)
                 for name, value in vars(layer).items()
             }
@@ -125,5 +127,3 @@ class Capture:
 
         self.run(images, keep)
         return kept
-
-

@@ -5,10 +5,12 @@ projection) and the residual branches. timm's fused scaled-dot-product attention
 the probabilities, so it is switched off on every attention module while capturing and restored
 afterwards, also when the forward raises.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Protocol, SupportsInt, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,12 @@ __all__ = ["ViTCapture", "is_vision_transformer"]
 def is_vision_transformer(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
     return isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0 and hasattr(blocks[0], "attn")
+
+
+class _FusedAttention(Protocol):
+    """A timm attention module with the switch between fused SDPA and explicit probabilities."""
+
+    fused_attn: bool
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
@@ -47,20 +55,23 @@ class ViTCapture(Capture):
             raise TypeError(f"{type(model).__name__} has no `blocks[i].attn`: use FeatureCapture for it")
         self.attention = attention
         self.branches = branches
-        self.blocks: list[nn.Module] = list(model.blocks)
+        blocks = model.blocks
+        assert isinstance(blocks, (nn.Sequential, nn.ModuleList))  # checked by is_vision_transformer
+        self.blocks: list[nn.Module] = list(blocks)
         self.facts = self._read_facts()
 
     def _read_facts(self) -> ModelFacts:
         model = self.model
-        attn0 = self.blocks[0].attn
-        num_heads = int(getattr(attn0, "num_heads"))
+        attn0 = cast(nn.Module, self.blocks[0].attn)
+        num_heads = int(cast(SupportsInt, attn0.num_heads))
         embed_dim = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0)) or None
         has_cls = getattr(model, "cls_token", None) is not None
         if hasattr(model, "num_prefix_tokens"):
-            prefix = int(model.num_prefix_tokens)
+            prefix = int(cast(SupportsInt, model.num_prefix_tokens))
         else:
             prefix = int(has_cls) + int(getattr(model, "dist_token", None) is not None)
-        patch = pair(model.patch_embed.patch_size)
+        patch_embed = cast(nn.Module, model.patch_embed)
+        patch = pair(cast("int | tuple[int, int]", patch_embed.patch_size))
         return ModelFacts(
             kind="vit",
             num_layers=len(self.blocks),
@@ -75,18 +86,19 @@ class ViTCapture(Capture):
     @contextmanager
     def _unfused_attention(self) -> Iterator[None]:
         """Switch timm's fused attention off on every block while capturing; always restore it."""
-        saved: list[tuple[nn.Module, bool]] = []
+        saved: list[tuple[_FusedAttention, bool]] = []
         try:
             if self.attention:
                 for block in self.blocks:
                     attn = block.attn
                     if hasattr(attn, "fused_attn"):
-                        saved.append((attn, attn.fused_attn))
-                        attn.fused_attn = False
+                        fused = cast(_FusedAttention, attn)
+                        saved.append((fused, fused.fused_attn))
+                        fused.fused_attn = False
             yield
         finally:
-            for attn, value in saved:
-                attn.fused_attn = value
+            for fused, value in saved:
+                fused.fused_attn = value
 
     def _layer_scale(self, block: nn.Module, which: int) -> Callable[[Tensor], Tensor]:
         module = getattr(block, f"ls{which}", None)
@@ -111,8 +123,9 @@ class ViTCapture(Capture):
                     f"block {depth}: {tokens.shape[1]} tokens, expected {prefix} prefix + "
                     f"{grid[0]}x{grid[1]} grid = {expected} for input {tuple(images.shape[-2:])}"
                 )
-            return LayerOutput(depth, tokens, grid, prefix, self.facts.patch_size, **extra,
-                               has_class_token=self.facts.has_class_token)
+            return LayerOutput(
+                depth, tokens, grid, prefix, self.facts.patch_size, **extra, has_class_token=self.facts.has_class_token
+            )
 
         def on_first_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             on_layer(make_layer(0, _first_tensor(args, kwargs)))
@@ -130,10 +143,16 @@ class ViTCapture(Capture):
                 handle.remove()
             slot.clear()
 
-    def _hook_block(self, block: nn.Module, depth: int, slot: dict[str, Tensor], on_layer: OnLayer,
-                    make_layer: Callable[..., LayerOutput]) -> list:
+    def _hook_block(
+        self,
+        block: nn.Module,
+        depth: int,
+        slot: dict[str, Tensor],
+        on_layer: OnLayer,
+        make_layer: Callable[..., LayerOutput],
+    ) -> list:
         handles = []
-        attn_module = block.attn
+        attn_module = cast(nn.Module, block.attn)
         ls1 = self._layer_scale(block, 1)
 
         def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -159,8 +178,7 @@ class ViTCapture(Capture):
             stream_in = slot.pop("stream_in", None)
             attn_branch = slot.pop("attn_branch", None)
             if self.branches and stream_in is not None and attn_branch is not None:
-                extra.update(stream_in=stream_in, attn_branch=attn_branch,
-                             mlp_branch=output - stream_in - attn_branch)
+                extra.update(stream_in=stream_in, attn_branch=attn_branch, mlp_branch=output - stream_in - attn_branch)
             layer = make_layer(depth, output, **extra)
             del extra, stream_in, attn_branch
             on_layer(layer)
@@ -175,9 +193,7 @@ class ViTCapture(Capture):
             handles.append(drop.register_forward_hook(attn_probs))
             # A·V of all heads is the input of the output projection (or of the optional norm before it).
             head_norm = getattr(attn_module, "norm", None)
-            target = head_norm if isinstance(head_norm, nn.Module) else attn_module.proj
+            target = head_norm if isinstance(head_norm, nn.Module) else cast(nn.Module, attn_module.proj)
             handles.append(target.register_forward_pre_hook(heads_in))
         handles.append(block.register_forward_hook(block_out))
         return handles
-
-

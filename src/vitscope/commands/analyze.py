@@ -1,4 +1,5 @@
 """`vitscope analyze`: every analysis on every model, written to a results directory with a report."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,28 +8,50 @@ from pathlib import Path
 
 from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
 from vitscope.commands.common import (
-    ROLE_NAMES, CommandError, non_negative_int, positive_int, print_skipped, verdict_and_report,
+    ROLE_NAMES,
+    CommandError,
+    non_negative_int,
+    positive_int,
+    print_skipped,
+    skipped_summary,
+    verdict_and_report,
 )
 from vitscope.models import parse_spec
 from vitscope.results import RunDirectory
 
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, metavar="LABEL=SPEC",
-                        help="a model to analyse, e.g. mae=mae:mae_pretrain_vit_base.pth or random=random:vit_small_patch16_224 "
-                             "(repeatable; LABEL= may be left out)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="LABEL=SPEC",
+        help="a model to analyse, e.g. mae=mae:mae_pretrain_vit_base.pth or random=random:vit_small_patch16_224 "
+        "(repeatable; LABEL= may be left out)",
+    )
     parser.add_argument("--data", required=True, help="data spec: fashion-mnist[:DIR], folder:DIR, ...")
     parser.add_argument("--out", required=True, help="results directory")
-    parser.add_argument("--num-images", type=positive_int, default=512,
-                        help="test images for the metrics (default: %(default)s)")
-    parser.add_argument("--probe-images", type=positive_int, default=2000,
-                        help="train images for the linear probes (default: %(default)s)")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=512, help="test images for the metrics (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--probe-images",
+        type=positive_int,
+        default=2000,
+        help="train images for the linear probes (default: %(default)s)",
+    )
     parser.add_argument("--noise-images", type=positive_int, default=256, help="test images scored under noise")
-    parser.add_argument("--noise-norm", type=float, default=0.5,
-                        help="noise RMS per input value in the model's normalised input space (default: %(default)s)")
+    parser.add_argument(
+        "--noise-norm",
+        type=float,
+        default=0.5,
+        help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}")
+    parser.add_argument(
+        "--metrics", default=None, help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-epochs", type=positive_int, default=100)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
@@ -67,10 +90,18 @@ def run(args: argparse.Namespace) -> int:
     models = parse_models(args.model)
     roles = roles_of(args, list(models))
     analyses = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
-    config = AnalysisConfig(num_images=args.num_images, probe_train_images=args.probe_images,
-                            noise_images=args.noise_images, batch_size=args.batch_size, device=args.device,
-                            seed=args.seed, analyses=analyses, probe_epochs=args.probe_epochs,
-                            num_workers=args.workers, noise_relative_norm=args.noise_norm)
+    config = AnalysisConfig(
+        num_images=args.num_images,
+        probe_train_images=args.probe_images,
+        noise_images=args.noise_images,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        analyses=analyses,
+        probe_epochs=args.probe_epochs,
+        num_workers=args.workers,
+        noise_relative_norm=args.noise_norm,
+    )
     config.wanted()  # unknown analysis names fail before any model is loaded
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
@@ -79,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir.save_results(output.results)
     run_dir.save_arrays(output.arrays)
     meta = output.results.meta
-    print(f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
-          f"in {meta['wall_time_s']:.1f} s; skipped {len(meta['skipped'])} unreadable file(s)"
-          + (", each replaced by another image of its class" if meta["skipped"] else ""))
+    print(
+        f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
+        f"in {meta['wall_time_s']:.1f} s; {skipped_summary(meta['skipped'])}"
+    )
     print_skipped(meta["skipped"])
     for note in meta["notes"]:
         print(f"note: {note}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """`vitscope capture`: one forward pass per batch over real images, a per-layer summary printed."""
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
             capture.run(batch.images, summary)
             seen += len(batch.images)
     facts = capture.facts
-    print(f"model {args.model}: {facts.kind}, {facts.num_layers} layers, {facts.num_heads} heads, "
-          f"{facts.num_prefix_tokens} prefix tokens, patch {facts.patch_size[0]}x{facts.patch_size[1]}")
+    print(
+        f"model {args.model}: {facts.kind}, {facts.num_layers} layers, {facts.num_heads} heads, "
+        f"{facts.num_prefix_tokens} prefix tokens, patch {facts.patch_size[0]}x{facts.patch_size[1]}"
+    )
     print(f"data {args.data} ({args.split}): {seen} images; {skips.report()}")
     print(summary.table())
     return 0

@@ -1,4 +1,5 @@
 """`vitscope claims DIR --cl LABEL --mim LABEL`: the papers' findings 1–7 checked on saved results."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,21 +14,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="results directory written by `vitscope analyze --out DIR`")
     parser.add_argument("--cl", required=True, metavar="LABEL", help="the contrastive (CL) model's label")
     parser.add_argument("--mim", required=True, metavar="LABEL", help="the masked-image-modeling (MIM) model's label")
-    parser.add_argument("--control", metavar="LABEL",
-                        help="an untrained model of the same architecture: tells collapse from near-uniform attention")
+    parser.add_argument(
+        "--control",
+        metavar="LABEL",
+        help="an untrained model of the same architecture: tells collapse from near-uniform attention",
+    )
     parser.add_argument("--hybrid", metavar="LABEL", help="a model trained with (1 − λ)·L_MIM + λ·L_CL")
-    parser.add_argument("--rel-tol", type=float, default=Tolerance.rel,
-                        help="relative tolerance for 'indistinguishable' and 'near log N' (default: %(default)s)")
-    parser.add_argument("--probe-points", type=float, default=Tolerance.probe_points,
-                        help="points by which CL's probe must beat the control's (default: %(default)s)")
+    parser.add_argument(
+        "--rel-tol",
+        type=float,
+        default=Tolerance.rel,
+        help="relative tolerance for 'indistinguishable' and 'near log N' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--probe-points",
+        type=float,
+        default=Tolerance.probe_points,
+        help="points by which CL's probe must beat the control's (default: %(default)s)",
+    )
 
 
 def check_labels(results: Results, roles: Roles) -> None:
     known = ResultView(results).models()
     for role, label in vars(roles).items():
         if label is not None and label not in known:
-            raise CommandError(f"--{role} {label!r} is not a model in these results; available: "
-                               f"{', '.join(known) or 'none'}")
+            raise CommandError(
+                f"--{role} {label!r} is not a model in these results; available: {', '.join(known) or 'none'}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,15 +1,26 @@
 """What several commands share (this module is not a command): the user-facing error, argument types
 that name the flag when a value is wrong, the thread setting, and printing a run's verdict."""
+
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from vitscope.results import Results, RunDirectory
 
-__all__ = ["CommandError", "positive_int", "non_negative_int", "json_object", "set_threads", "open_results",
-           "print_skipped", "verdict_and_report", "ROLE_NAMES"]
+__all__ = [
+    "CommandError",
+    "positive_int",
+    "non_negative_int",
+    "json_object",
+    "set_threads",
+    "open_results",
+    "print_skipped",
+    "verdict_and_report",
+    "ROLE_NAMES",
+]
 
 
 class CommandError(Exception):
@@ -66,6 +77,15 @@ def open_results(directory: str) -> tuple[RunDirectory, Results]:
         raise CommandError(str(err)) from err
 
 
+def skipped_summary(skipped: list) -> str:
+    """How many unreadable files were skipped, and how many were replaced by an image of their class."""
+    replaced = sum("replaced by another image" in reason for _, reason in skipped)
+    text = f"skipped {len(skipped)} unreadable file(s)"
+    if skipped:
+        text += f" ({replaced} replaced by another image of their class, {len(skipped) - replaced} without replacement)"
+    return text
+
+
 def print_skipped(skipped: list, limit: int = 10) -> None:
     """List the unreadable files a run skipped (and replaced), the first ``limit`` of them."""
     import sys
@@ -79,12 +99,13 @@ def print_skipped(skipped: list, limit: int = 10) -> None:
 ROLE_NAMES = ("cl", "mim", "control", "hybrid")
 
 
-def verdict_and_report(out_dir: Path, roles: dict[str, str | None], render: bool) -> None:
+def verdict_and_report(out_dir: Path, roles: Mapping[str, str | None], render: bool) -> None:
     """Evaluate, save and print the claims (when CL and MIM are named), then render the report."""
     from vitscope.report import Roles, format_claims_table, render_report, write_verdict
 
-    if roles.get("cl") and roles.get("mim"):
-        record = write_verdict(out_dir, Roles(**{name: roles.get(name) for name in ROLE_NAMES}))
+    cl, mim = roles.get("cl"), roles.get("mim")
+    if cl and mim:
+        record = write_verdict(out_dir, Roles(cl, mim, control=roles.get("control"), hybrid=roles.get("hybrid")))
         print(format_claims_table(record.verdicts))
     if render:
         print(f"report: {render_report(out_dir)}")

@@ -4,6 +4,7 @@ Analyses ``bundled:moco``, ``bundled:simmim``, ``bundled:mae``, ``bundled:hybrid
 architecture, untrained) on Fashion-MNIST test images, writes ``runs/demo/`` (metrics, figures,
 report.html), prints the per-layer linear probes and the claims verdict (CL = moco, MIM = simmim).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="results directory (default: %(default)s)")
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
     parser.add_argument("--num-images", type=positive_int, default=500, help="test images (default: %(default)s)")
-    parser.add_argument("--probe-images", type=positive_int, default=2000,
-                        help="probe train images (default: %(default)s)")
+    parser.add_argument(
+        "--probe-images", type=positive_int, default=2000, help="probe train images (default: %(default)s)"
+    )
     parser.add_argument("--noise-images", type=positive_int, default=250)
     parser.add_argument("--batch-size", type=positive_int, default=125)
     parser.add_argument("--device", default="cpu")
@@ -34,8 +36,10 @@ def demo_models() -> dict[str, str]:
     """label -> spec: the bundled models and an untrained control of their architecture."""
     missing = [name for name in BUNDLED_NAMES if name not in cards.available()]
     if missing:
-        raise CommandError(f"bundled models missing: {', '.join(missing)} (looked in {cards.BUNDLED_DIR}); "
-                           "train them with scripts/train_bundled.sh")
+        raise CommandError(
+            f"bundled models missing: {', '.join(missing)} (looked in {cards.BUNDLED_DIR}); "
+            "train them with scripts/train_bundled.sh"
+        )
     card = cards.find("moco")
     options = "&".join(f"{key}={value}" for key, value in card.arch_kwargs.items())
     models = {name: f"bundled:{name}" for name in BUNDLED_NAMES}
@@ -48,17 +52,23 @@ def probe_table(results: Results, labels: list[str]) -> str:
     depths = sorted({row["layer"] for row in results.select(metric="linear_probe_top1")})
     lines = ["linear probe top-1 (%) per layer, cls token:", "model    " + "".join(f"{d:>7}" for d in depths)]
     for label in labels:
-        values = {row["layer"]: row["value"] for row in results.select(metric="linear_probe_top1", model=label,
-                                                                       feature="cls")}
+        values = {
+            row["layer"]: row["value"] for row in results.select(metric="linear_probe_top1", model=label, feature="cls")
+        }
         lines.append(f"{label:<9}" + "".join(f"{values.get(d, float('nan')):>7.1f}" for d in depths))
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     models = demo_models()
-    config = AnalysisConfig(num_images=args.num_images, probe_train_images=args.probe_images,
-                            noise_images=args.noise_images, batch_size=args.batch_size, device=args.device,
-                            seed=args.seed)
+    config = AnalysisConfig(
+        num_images=args.num_images,
+        probe_train_images=args.probe_images,
+        noise_images=args.noise_images,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
     output.results.meta["roles"] = ROLES
@@ -67,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir.save_arrays(output.arrays)
     print_skipped(output.results.meta["skipped"])
     print(probe_table(output.results, list(models)))
-    print(f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "
-          f"in {output.results.meta['wall_time_s']:.0f} s")
+    print(
+        f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "
+        f"in {output.results.meta['wall_time_s']:.0f} s"
+    )
     verdict_and_report(out_dir, dict(ROLES), render=True)
     return 0

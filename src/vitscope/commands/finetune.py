@@ -1,9 +1,10 @@
 """`vitscope finetune`: fine-tune a pretrained encoder end to end; test top-1 after every epoch.
 
 ``--model`` is any model spec (``vitscope.models.load_model``); ``file:RUN`` or
-``file:RUN/encoder.safetensors`` loads a ``vitscope pretrain`` run through the ``encoder.json`` beside it. Data parallel with
-``torchrun --nproc_per_node=K -m vitscope finetune ...``.
+``file:RUN/encoder.safetensors`` loads a ``vitscope pretrain`` run through the ``encoder.json`` beside it.
+Data parallel with ``torchrun --nproc_per_node=K -m vitscope finetune ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,23 @@ from vitscope.commands.common import json_object, positive_int, set_threads
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model spec, e.g. file:runs/moco/encoder.safetensors")
     parser.add_argument("--model-kwargs", default="{}", type=json_object, help="JSON options for the model loader")
-    parser.add_argument("--data", default="fashion-mnist", help="data spec; train split for training (default: %(default)s)")
-    parser.add_argument("--test-data", default=None, help="data spec scored after each epoch (default: --data's test split)")
-    parser.add_argument("--num-images", type=positive_int, default=None, help="stratified subset of the training images")
-    parser.add_argument("--num-test-images", type=positive_int, default=None, help="stratified subset of the test images")
+    parser.add_argument(
+        "--data", default="fashion-mnist", help="data spec; train split for training (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--test-data", default=None, help="data spec scored after each epoch (default: --data's test split)"
+    )
+    parser.add_argument(
+        "--num-images", type=positive_int, default=None, help="stratified subset of the training images"
+    )
+    parser.add_argument(
+        "--num-test-images", type=positive_int, default=None, help="stratified subset of the test images"
+    )
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: --blr × global batch / 256)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: --blr × global batch / 256)"
+    )
     parser.add_argument("--blr", type=float, default=1e-3)
     parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
@@ -37,20 +48,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads for torch (1 is fastest on a busy machine)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.pretrain import FinetuneConfig, TrainingDiverged, finetune
 
     config = FinetuneConfig(
-        model=args.model, model_kwargs=args.model_kwargs, data=args.data, test_data=args.test_data,
-        num_images=args.num_images, num_test_images=args.num_test_images, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, blr=args.blr, layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs,
-        min_lr=args.min_lr, clip_grad=args.clip_grad or None, drop_path=args.drop_path,
-        crop_min_scale=args.crop_min_scale, seed=args.seed, precision=args.precision, device=args.device,
-        out=args.out, save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        data=args.data,
+        test_data=args.test_data,
+        num_images=args.num_images,
+        num_test_images=args.num_test_images,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        blr=args.blr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        warmup_epochs=args.warmup_epochs,
+        min_lr=args.min_lr,
+        clip_grad=args.clip_grad or None,
+        drop_path=args.drop_path,
+        crop_min_scale=args.crop_min_scale,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        out=args.out,
+        save_every=args.save_every,
+        resume=args.resume,
+        progress=not args.no_progress,
     )
     set_threads(args.threads)
     try:

@@ -3,6 +3,7 @@
 Single process: ``vitscope pretrain ...``; data parallel: ``torchrun --nproc_per_node=K -m vitscope
 pretrain ...`` (NCCL on GPUs, gloo on CPU; ``--batch-size`` is per process).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,29 +14,54 @@ from vitscope.commands.common import json_object, non_negative_int, positive_int
 def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--method", required=True, choices=["moco", "simmim", "mae", "hybrid"])
-    g.add_argument("--mim", default="simmim", choices=["simmim", "mae"], help="MIM half of the hybrid (default: %(default)s)")
-    g.add_argument("--cl-weight", type=float, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)")
+    g.add_argument(
+        "--mim", default="simmim", choices=["simmim", "mae"], help="MIM half of the hybrid (default: %(default)s)"
+    )
+    g.add_argument(
+        "--cl-weight", type=float, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)"
+    )
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (optionally timm:NAME)")
-    g.add_argument("--model-kwargs", default="{}", type=json_object,
-                   help='JSON passed to timm.create_model, e.g. \'{"img_size":28,"patch_size":4,"embed_dim":96,"depth":6,"num_heads":4}\'')
+    g.add_argument(
+        "--model-kwargs",
+        default="{}",
+        type=json_object,
+        help="JSON passed to timm.create_model, e.g. "
+        '\'{"img_size":28,"patch_size":4,"embed_dim":64,"depth":6,"num_heads":4}\'',
+    )
     g.add_argument("--data", default="fashion-mnist", help="data spec; its train split is used (default: %(default)s)")
-    g.add_argument("--num-images", type=positive_int, default=None, help="train on a stratified subset of this many images")
+    g.add_argument(
+        "--num-images", type=positive_int, default=None, help="train on a stratified subset of this many images"
+    )
     g.add_argument("--epochs", type=float, default=None)
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="per process (default: %(default)s)")
-    g.add_argument("--out", required=True, help="run directory (encoder.safetensors, encoder.json, train_state.pt, log.jsonl)")
+    g.add_argument(
+        "--out", required=True, help="run directory (encoder.safetensors, encoder.json, train_state.pt, log.jsonl)"
+    )
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     g.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-every", type=positive_int, default=None,
-                   help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)")
+    g.add_argument(
+        "--keep-every",
+        type=positive_int,
+        default=None,
+        help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast: auto = bf16 on CUDA, fp32 on CPU",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: torch's own); 1 is fastest on a busy shared machine. "
-                        "Bit-identical resumption on CPU needs the same thread count")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own); 1 is fastest on a busy shared machine. "
+        "Bit-identical resumption on CPU needs the same thread count",
+    )
     o = parser.add_argument_group("optimizer")
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: --blr × global batch / 256)")
     o.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate per 256 images (default: %(default)s)")
@@ -50,32 +76,64 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--moco-m", type=float, default=0.99, help="initial momentum, rising to 1 by cosine")
     m.add_argument("--freeze-patch-embed", action="store_true", help="MoCo v3's frozen random patch projection")
     m.add_argument("--mask-ratio", type=float, default=None, help="default: 0.6 SimMIM, 0.75 MAE")
-    m.add_argument("--mask-patch-size", type=positive_int, default=None, help="SimMIM mask cell in pixels (default: the patch size)")
-    m.add_argument("--no-norm-pix-loss", action="store_true", help="MAE: raw instead of per-patch normalised pixel targets")
+    m.add_argument(
+        "--mask-patch-size",
+        type=positive_int,
+        default=None,
+        help="SimMIM mask cell in pixels (default: the patch size)",
+    )
+    m.add_argument(
+        "--no-norm-pix-loss", action="store_true", help="MAE: raw instead of per-patch normalised pixel targets"
+    )
     m.add_argument("--decoder-dim", type=positive_int, default=128)
     m.add_argument("--decoder-depth", type=positive_int, default=2)
     m.add_argument("--decoder-heads", type=positive_int, default=4)
     m.add_argument("--crop-min-scale", type=float, default=None, help="random resized crop's lower area bound")
 
 
-def build_config(args: argparse.Namespace):  # noqa: ANN201 - TrainConfig, imported lazily
+def build_config(args: argparse.Namespace):
     from vitscope.pretrain import ObjectiveConfig, TrainConfig
 
     objective = ObjectiveConfig(
-        method=args.method, mim=args.mim, cl_weight=args.cl_weight, moco_dim=args.moco_dim,
-        moco_mlp_dim=args.moco_mlp_dim, moco_t=args.moco_t, moco_m=args.moco_m,
-        freeze_patch_embed=args.freeze_patch_embed, mask_ratio=args.mask_ratio,
-        mask_patch_size=args.mask_patch_size, norm_pix_loss=not args.no_norm_pix_loss,
-        decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+        method=args.method,
+        mim=args.mim,
+        cl_weight=args.cl_weight,
+        moco_dim=args.moco_dim,
+        moco_mlp_dim=args.moco_mlp_dim,
+        moco_t=args.moco_t,
+        moco_m=args.moco_m,
+        freeze_patch_embed=args.freeze_patch_embed,
+        mask_ratio=args.mask_ratio,
+        mask_patch_size=args.mask_patch_size,
+        norm_pix_loss=not args.no_norm_pix_loss,
+        decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth,
+        decoder_heads=args.decoder_heads,
         crop_min_scale=args.crop_min_scale,
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)
     return TrainConfig(
-        arch=args.model, model_kwargs=args.model_kwargs, data=args.data, num_images=args.num_images,
-        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, blr=args.blr,
-        min_lr=args.min_lr, weight_decay=weight_decay, warmup_steps=args.warmup_steps,
-        clip_grad=args.clip_grad or None, seed=args.seed, precision=args.precision, device=args.device,
-        out=args.out, save_every=args.save_every, keep_every=args.keep_every, resume=args.resume, progress=not args.no_progress,
+        arch=args.model,
+        model_kwargs=args.model_kwargs,
+        data=args.data,
+        num_images=args.num_images,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        blr=args.blr,
+        min_lr=args.min_lr,
+        weight_decay=weight_decay,
+        warmup_steps=args.warmup_steps,
+        clip_grad=args.clip_grad or None,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        out=args.out,
+        save_every=args.save_every,
+        keep_every=args.keep_every,
+        resume=args.resume,
+        progress=not args.no_progress,
         objective=objective,
     )
 
@@ -92,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if result.env.is_main:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a (already complete)"
-        print(f"pretrain {config.objective.method}: {result.step} steps, last loss {last}; "
-              f"encoder at {result.out / 'encoder.safetensors'}")
+        print(
+            f"pretrain {config.objective.method}: {result.step} steps, last loss {last}; "
+            f"encoder at {result.out / 'encoder.safetensors'}"
+        )
     return 0

@@ -1,4 +1,5 @@
 """`vitscope report DIR`: redraw every figure and rewrite DIR/report.html from saved results."""
+
 from __future__ import annotations
 
 import argparse

@@ -10,19 +10,45 @@ A data spec string names the images, the same in the CLI and the Python API:
 Unreadable images (truncated files, text named .png) are skipped and counted, never a crash: the
 loader's batches carry the paths they skipped, and :class:`SkipCounter` sums them up.
 """
+
 from vitscope.data.batches import Batch, SkipCounter, collate_skipping, collate_views
 from vitscope.data.datasets import ArrayImageDataset, Replaced, SafeImageFolder, Skipped
 from vitscope.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_shipped_subset, read_idx
 from vitscope.data.loaders import choice_loader, make_loader
 from vitscope.data.specs import dataset_labels, open_dataset
 from vitscope.data.subsets import (
-    ReplacingSubset, StratifiedChoice, split_choices, stratified_choice, stratified_subset,
+    ReplacingSubset,
+    StratifiedChoice,
+    split_choices,
+    stratified_choice,
+    stratified_subset,
 )
 from vitscope.data.transforms import MultiView, build_transform, distinct_views, model_input_size
 
 __all__ = [
-    "Batch", "SkipCounter", "Skipped", "ArrayImageDataset", "SafeImageFolder", "read_idx", "load_fashion_mnist",
-    "load_shipped_subset", "FASHION_MNIST_CLASSES", "open_dataset", "dataset_labels", "stratified_subset",
-    "build_transform", "model_input_size", "make_loader", "collate_skipping", "collate_views", "Replaced",
-    "choice_loader", "ReplacingSubset", "StratifiedChoice", "stratified_choice", "split_choices", "MultiView", "distinct_views",
+    "Batch",
+    "SkipCounter",
+    "Skipped",
+    "ArrayImageDataset",
+    "SafeImageFolder",
+    "read_idx",
+    "load_fashion_mnist",
+    "load_shipped_subset",
+    "FASHION_MNIST_CLASSES",
+    "open_dataset",
+    "dataset_labels",
+    "stratified_subset",
+    "build_transform",
+    "model_input_size",
+    "make_loader",
+    "collate_skipping",
+    "collate_views",
+    "Replaced",
+    "choice_loader",
+    "ReplacingSubset",
+    "StratifiedChoice",
+    "stratified_choice",
+    "split_choices",
+    "MultiView",
+    "distinct_views",
 ]

@@ -1,4 +1,5 @@
 """Batches: collated images and labels plus the files skipped on the way, and a counter of those."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ def collate_views(items: list) -> list[Batch]:
         return [Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)]
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
     num_views = len(good[0][0])
-    return [Batch(torch.stack([views[v] for views, _ in good]), labels, skipped if v == 0 else [])
-            for v in range(num_views)]
+    return [
+        Batch(torch.stack([views[v] for views, _ in good]), labels, skipped if v == 0 else []) for v in range(num_views)
+    ]
 
 
 class SkipCounter:

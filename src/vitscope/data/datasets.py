@@ -1,11 +1,13 @@
 """Datasets that never crash on a bad file: images held in an array, and image folders whose unreadable
 files come back as :class:`Skipped` markers (counted and replaced downstream, never fatal)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +40,9 @@ class Replaced:
 class ArrayImageDataset(Dataset):
     """Images held as a uint8 array [N, H, W] or [N, H, W, 3] with integer labels."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
-                 classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None, classes: Sequence[str] = ()
+    ) -> None:
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform

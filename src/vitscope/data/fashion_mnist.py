@@ -1,4 +1,5 @@
 """Fashion-MNIST from IDX files (Debian's ``dataset-fashion-mnist``) or the subset shipped in the package."""
+
 from __future__ import annotations
 
 import gzip
@@ -7,14 +8,30 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-__all__ = ["DEFAULT_FASHION_MNIST", "SHIPPED_SUBSET", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist",
-           "load_shipped_subset"]
+__all__ = [
+    "DEFAULT_FASHION_MNIST",
+    "SHIPPED_SUBSET",
+    "FASHION_MNIST_CLASSES",
+    "read_idx",
+    "load_fashion_mnist",
+    "load_shipped_subset",
+]
 
 DEFAULT_FASHION_MNIST = Path(os.environ.get("VITSCOPE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 SHIPPED_SUBSET = Path(__file__).parent / "fashion_mnist_subset.npz"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -29,7 +46,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: cannot read IDX file ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if raw[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX data type 0x{raw[2]:02x}")
     ndim = raw[3]

@@ -1,8 +1,9 @@
 """Data spec strings: ``fashion-mnist[:DIR]``, ``fashion-mnist-subset``, ``folder:DIR`` (or a plain directory)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -13,7 +14,9 @@ from vitscope.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnis
 __all__ = ["open_dataset", "dataset_labels"]
 
 
-def open_dataset(spec: str, split: str = "test", transform: Callable | None = None) -> Dataset:
+def open_dataset(
+    spec: str, split: str = "test", transform: Callable | None = None
+) -> ArrayImageDataset | SafeImageFolder:
     """Open the images a data spec names (see module docstring). Raises with the spec on bad input."""
     kind, _, arg = spec.partition(":")
     if kind == "fashion-mnist":

@@ -1,7 +1,9 @@
 """Each model's own eval transform, from its timm data config."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

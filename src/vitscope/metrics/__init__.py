@@ -4,6 +4,7 @@ Definitions: docs/metrics.md. :mod:`.attention` (distance, NMI, entropy on spati
 :mod:`.representation` (token / head / depth cosine, spectra, Fourier, residual ratio), :mod:`.cka`
 (CKA of two feature sets). Streaming them over a data set is :mod:`vitscope.analyses`' job.
 """
+
 from vitscope.metrics.attention import (
     attention_distance,
     attention_entropy,

@@ -5,6 +5,7 @@ the N spatial tokens are in row-major order over ``grid`` = (h, w). Every reduct
 (float64 for float64 input), also for bf16/fp16 input. The derivations that turn the definitions
 into a few passes over [B, H, N, N] are written next to each function.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,16 +44,19 @@ def spatial_attention_for_reduction(attn: Tensor, num_prefix_tokens: int) -> Ten
 
 
 @lru_cache(maxsize=32)
-def _cached_distance_matrix(h: int, w: int, ph: int, pw: int, device: torch.device,
-                            dtype: torch.dtype) -> Tensor:
+def _cached_distance_matrix(h: int, w: int, ph: int, pw: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w) * ph  # [N], row-major grid
     cols = torch.arange(w, dtype=torch.float64).repeat(h) * pw
     distances = torch.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :])  # [N, N] pixels
     return distances.to(device=device, dtype=dtype)
 
 
-def distance_matrix(grid: tuple[int, int], patch_size: int | tuple[int, int],
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+def distance_matrix(
+    grid: tuple[int, int],
+    patch_size: int | tuple[int, int],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """D [N, N] in pixels: D_ij = ‖(Δrow·ph, Δcol·pw)‖₂ between grid cells i and j (row-major).
 
     Cached per (grid, patch size, device, dtype); treat the result as read-only.

@@ -6,6 +6,7 @@ Gaussian-kernel Gram matrices. The unbiased HSIC₁ (Song et al. 2012) is ⟨U(K
 where U is the "U-centring" of a Gram matrix (:func:`unbiased_centre`); the streaming minibatch CKA
 built on it lives in :mod:`vitscope.analyses.cka`.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -127,8 +128,7 @@ def rbf_cka(x: Tensor, y: Tensor, *, threshold: float = 1.0, unbiased: bool = Fa
     return cka(x, y, kernel="rbf", threshold=threshold, unbiased=unbiased)
 
 
-def cka(x: Tensor, y: Tensor, *, kernel: Kernel = "linear", threshold: float = 1.0,
-        unbiased: bool = False) -> Tensor:
+def cka(x: Tensor, y: Tensor, *, kernel: Kernel = "linear", threshold: float = 1.0, unbiased: bool = False) -> Tensor:
     """CKA from n × n Gram matrices with either kernel; biased (centring matrix H) or HSIC₁."""
     check_kernel(kernel)
     x, y = _check_pair(x, y)

@@ -2,6 +2,7 @@
 token / head / depth cosine similarity, singular values and effective rank, the Fourier Δ log
 amplitude, and the residual ratio. Reductions run in float32 (float64 for float64 input).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,10 +63,10 @@ def head_cosine_similarity(head_outputs: Tensor) -> Tensor:
 def depth_cosine_similarity(tokens_a: Tensor, tokens_b: Tensor) -> Tensor:
     """[B]: mean over tokens of the cosine between the same token in two layers."""
     if tokens_a.shape != tokens_b.shape or tokens_a.ndim != 3:
-        raise ValueError(f"tokens_a and tokens_b must both be [B, N, C], got {tuple(tokens_a.shape)} "
-                         f"and {tuple(tokens_b.shape)}")
-    cosine = torch.nn.functional.cosine_similarity(as_reduction(tokens_a), as_reduction(tokens_b),
-                                                   dim=-1, eps=1e-12)
+        raise ValueError(
+            f"tokens_a and tokens_b must both be [B, N, C], got {tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}"
+        )
+    cosine = torch.nn.functional.cosine_similarity(as_reduction(tokens_a), as_reduction(tokens_b), dim=-1, eps=1e-12)
     return cosine.mean(dim=-1)
 
 
@@ -131,8 +132,9 @@ def fourier_delta_log_amplitude(tokens: Tensor, grid: tuple[int, int]) -> Tensor
 def residual_ratio(stream: Tensor, branch: Tensor) -> Tensor:
     """[B]: ‖residual stream‖ / ‖branch output‖ per image (Frobenius norms over all tokens and channels)."""
     if stream.shape != branch.shape or stream.ndim < 2:
-        raise ValueError(f"stream and branch must have the same [B, ...] shape, got {tuple(stream.shape)} "
-                         f"and {tuple(branch.shape)}")
+        raise ValueError(
+            f"stream and branch must have the same [B, ...] shape, got {tuple(stream.shape)} and {tuple(branch.shape)}"
+        )
     stream_norm = torch.linalg.vector_norm(as_reduction(stream).flatten(1), dim=-1)
     branch_norm = torch.linalg.vector_norm(as_reduction(branch).flatten(1), dim=-1)
     return stream_norm / branch_norm.clamp_min(torch.finfo(stream_norm.dtype).tiny)

@@ -1,4 +1,5 @@
 """Shape checks and the reduction dtype shared by the metric functions."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ weights strictly) → :mod:`.load_report` (what was loaded, dropped, missing). :
 writes the model cards beside vitscope's own weights; :mod:`.timm_weights` finds timm's weights in the
 local caches.
 """
+
 from vitscope.models.cards import BundledModel, available, find, read_card, write_card
 from vitscope.models.load import load_model
 from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError

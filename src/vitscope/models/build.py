@@ -8,11 +8,13 @@ Steps of :func:`load_into`:
     3. strict (default): any encoder weight missing, any unused or mismatched checkpoint weight ->
        :class:`CheckpointMismatchError` naming keys and shapes. Not strict: load what fits, report the rest.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, cast
 
 import timm
 import torch
@@ -36,14 +38,19 @@ def seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def create_timm_model(name: str, kwargs: Mapping[str, Any], *, seed: int | None = 0,
-                      cfg_overlay: Mapping[str, Any] | None = None, context: str = "") -> nn.Module:
+def create_timm_model(
+    name: str,
+    kwargs: Mapping[str, Any],
+    *,
+    seed: int | None = 0,
+    cfg_overlay: Mapping[str, Any] | None = None,
+    context: str = "",
+) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with errors that say what to fix."""
     where = f"{context}: " if context else ""
     try:
         with seeded(seed):
-            return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=dict(cfg_overlay or {}),
-                                     **kwargs)
+            return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=dict(cfg_overlay or {}), **kwargs)
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
@@ -66,9 +73,11 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: nn.Module, report: Load
         want = target["pos_embed"]
         if pos_embed.ndim == 3 and pos_embed.shape[-1] == want.shape[-1] and pos_embed.shape[1] != want.shape[1]:
             prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-            grid = tuple(model.patch_embed.grid_size)
-            state["pos_embed"] = resample_abs_pos_embed(pos_embed.float(), new_size=list(grid),
-                                                        num_prefix_tokens=prefix).to(pos_embed.dtype)
+            patch_embed = cast(nn.Module, model.patch_embed)
+            grid = tuple(cast("tuple[int, int]", patch_embed.grid_size))
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos_embed.float(), new_size=list(grid), num_prefix_tokens=prefix
+            ).to(pos_embed.dtype)
             old = pos_embed.shape[1] - prefix
             report.resized.append(f"pos_embed: {old} positions -> {grid[0]}x{grid[1]} grid (bicubic)")
     for key, table in list(state.items()):
@@ -77,9 +86,11 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: nn.Module, report: Load
         want = target[key]
         if table.shape != want.shape and table.ndim == 2 and table.shape[1] == want.shape[1]:
             module = model.get_submodule(key[: -len(".relative_position_bias_table")])
-            window = tuple(module.window_size)
-            state[key] = resize_rel_pos_bias_table(table.float(), new_window_size=window,
-                                                   new_bias_shape=tuple(want.shape)).to(table.dtype)
+            window_size = cast("Iterable[int]", module.window_size)
+            window = cast("tuple[int, int]", tuple(window_size))  # a 2-D attention window
+            state[key] = resize_rel_pos_bias_table(
+                table.float(), new_window_size=window, new_bias_shape=tuple(want.shape)
+            ).to(table.dtype)
             report.resized.append(f"{key}: {tuple(table.shape)} -> {tuple(want.shape)} (window {window})")
     return state
 
@@ -88,7 +99,9 @@ def _spread_shared_rel_pos_bias(state: dict[str, Tensor], target: Mapping[str, T
     shared = "rel_pos_bias.relative_position_bias_table"
     if shared not in state or shared in target:
         return
-    block_keys = [key for key in target if key.startswith("blocks.") and key.endswith("attn.relative_position_bias_table")]
+    block_keys = [
+        key for key in target if key.startswith("blocks.") and key.endswith("attn.relative_position_bias_table")
+    ]
     if not block_keys or any(key in state for key in block_keys):
         return
     table = state.pop(shared)
@@ -97,15 +110,24 @@ def _spread_shared_rel_pos_bias(state: dict[str, Tensor], target: Mapping[str, T
     report.notes.append(f"shared relative position bias copied into each of {len(block_keys)} blocks")
 
 
-def load_into(model: nn.Module, state: Mapping[str, Tensor], report: LoadReport, *, strict: bool = True,
-              allow_missing: tuple[str, ...] = _CLASSIFIER_PREFIXES) -> LoadReport:
+def load_into(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    report: LoadReport,
+    *,
+    strict: bool = True,
+    allow_missing: tuple[str, ...] = _CLASSIFIER_PREFIXES,
+) -> LoadReport:
     """Adapt, compare and load ``state`` into ``model``; fill and return ``report`` (see module doc)."""
     state = adapt_state_dict(state, model, report)
     target = model.state_dict()
     report.missing = [key for key in target if key not in state]
     report.unexpected = [key for key in state if key not in target]
-    report.mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-                         for key, value in state.items() if key in target and value.shape != target[key].shape]
+    report.mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+        for key, value in state.items()
+        if key in target and value.shape != target[key].shape
+    ]
     encoder_missing = [key for key in report.missing if not key.startswith(allow_missing)]
     if strict and (encoder_missing or report.unexpected or report.mismatched):
         raise CheckpointMismatchError(_mismatch_message(report, encoder_missing))
@@ -123,9 +145,15 @@ def _mismatch_message(report: LoadReport, encoder_missing: list[str]) -> str:
     if report.mismatched:
         parts.append(f"  shape mismatch ({len(report.mismatched)}): {listing(report.mismatched)}")
     if encoder_missing:
-        parts.append(f"  missing from the checkpoint, would stay random ({len(encoder_missing)}): {listing(encoder_missing)}")
+        parts.append(
+            f"  missing from the checkpoint, would stay random ({len(encoder_missing)}): {listing(encoder_missing)}"
+        )
     if report.unexpected:
-        parts.append(f"  in the checkpoint but not in the model ({len(report.unexpected)}): {listing(report.unexpected)}")
-    parts.append("  Pick the matching architecture with arch=/num_heads= (or fix img_size=), "
-                 "or pass strict=False to load what fits.")
+        parts.append(
+            f"  in the checkpoint but not in the model ({len(report.unexpected)}): {listing(report.unexpected)}"
+        )
+    parts.append(
+        "  Pick the matching architecture with arch=/num_heads= (or fix img_size=), "
+        "or pass strict=False to load what fits."
+    )
     return "\n".join(parts)

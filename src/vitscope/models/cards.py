@@ -7,6 +7,7 @@ holds at least ``arch`` (a timm model name) and ``arch_kwargs`` (keyword argumen
 fields (method, step, data, training command, probe scores). ``load_model("file:PATH")`` and
 ``load_model("bundled:NAME")`` build ``arch`` with ``arch_kwargs`` and load the weights strictly.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundledModel", "available", "find", "read_card", "write_card", "card_beside", "BUNDLED_DIR",
-           "ENCODER_CARD"]
+__all__ = ["BundledModel", "available", "find", "read_card", "write_card", "card_beside", "BUNDLED_DIR", "ENCODER_CARD"]
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 ENCODER_CARD = "encoder.json"  # beside encoder.safetensors, written by `vitscope pretrain`
@@ -50,8 +50,10 @@ def find(name: str, directory: Path | None = None) -> BundledModel:
     if not weights.is_file() or not card_path.is_file():
         names = available(directory)
         listing = ", ".join(names) if names else "none (this installation ships no bundled models yet)"
-        raise FileNotFoundError(f"bundled:{name}: no bundled model of that name (looked for {weights.name} and "
-                                f"{card_path.name} in {directory}); available: {listing}")
+        raise FileNotFoundError(
+            f"bundled:{name}: no bundled model of that name (looked for {weights.name} and "
+            f"{card_path.name} in {directory}); available: {listing}"
+        )
     return BundledModel(name=name, weights=weights, card=read_card(card_path))
 
 

@@ -24,12 +24,14 @@ the user's ``num_heads=``, a relative-position bias table (``[L, heads]``, BEiT/
 own config (SimMIM), or the source's official configs keyed by embed dim (MoCo v3's ViT-S has 12
 heads where timm's has 6); a ViT of any other width needs ``num_heads=``.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -95,8 +97,10 @@ def _split_entries(checkpoint: Any, weight_keys: tuple[str, ...], source: str) -
             return checkpoint[key], [str(name) for name in checkpoint if name != key]
     if any(isinstance(value, Tensor) for value in checkpoint.values()):
         return checkpoint, []
-    raise CheckpointError(f"{source} checkpoint: none of the entries {list(weight_keys)} holds weights; "
-                          f"top-level entries: {sorted(map(str, checkpoint))}")
+    raise CheckpointError(
+        f"{source} checkpoint: none of the entries {list(weight_keys)} holds weights; "
+        f"top-level entries: {sorted(map(str, checkpoint))}"
+    )
 
 
 def _tensors(state: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -106,7 +110,7 @@ def _tensors(state: Mapping[str, Any]) -> dict[str, Tensor]:
 def _take_prefix(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> tuple[str | None, dict[str, Tensor]]:
     """The first prefix that some key starts with, and those keys with it removed."""
     for prefix in prefixes:
-        taken = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        taken = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         if taken:
             return prefix, taken
     return None, {}
@@ -139,17 +143,23 @@ def _convert_moco_v3(checkpoint: Any, part: str = "base") -> Converted:
     prefix, encoder_state = _take_prefix(state, (f"module.{encoder}", encoder))
     if prefix is None:
         if any("_encoder." in key for key in state):
-            raise CheckpointError(f"moco-v3 checkpoint has no {encoder}* weights; prefixes found: "
-                                  f"{sorted({key.split('.')[0] + '.' + key.split('.')[1] for key in state if '.' in key})}")
+            raise CheckpointError(
+                f"moco-v3 checkpoint has no {encoder}* weights; prefixes found: "
+                f"{sorted({key.split('.')[0] + '.' + key.split('.')[1] for key in state if '.' in key})}"
+            )
         prefix, encoder_state = "", dict(state)  # already converted to plain timm names
     dropped = [key for key in state if not key.startswith(prefix)] if prefix else []
     dropped += _drop(encoder_state, lambda key: key.startswith("head."), prefix)
     if "patch_embed.proj.weight" not in encoder_state and any(k.startswith("patch_embed.proj.") for k in encoder_state):
         arch = checkpoint.get("arch") if isinstance(checkpoint, Mapping) else None
-        raise CheckpointError(f"moco-v3 checkpoint ({arch or 'conv-stem ViT'}): the convolutional-stem ViTs "
-                              "(vit_conv_*) have no timm equivalent; only vit_small/base/large/huge load")
-    notes = [f"took the {part} encoder ({prefix or 'no prefix'}*); projector head.* and "
-             f"{'predictor/momentum encoder' if part == 'base' else 'predictor/base encoder'} dropped"]
+        raise CheckpointError(
+            f"moco-v3 checkpoint ({arch or 'conv-stem ViT'}): the convolutional-stem ViTs "
+            "(vit_conv_*) have no timm equivalent; only vit_small/base/large/huge load"
+        )
+    notes = [
+        f"took the {part} encoder ({prefix or 'no prefix'}*); projector head.* and "
+        f"{'predictor/momentum encoder' if part == 'base' else 'predictor/base encoder'} dropped"
+    ]
     return Converted(encoder_state, "vit", dropped, notes + _ignored_note(ignored))
 
 
@@ -160,8 +170,9 @@ def _convert_mae(checkpoint: Any) -> Converted:
     dropped = _drop(state, lambda key: key == "mask_token" or key.startswith("decoder_"))
     notes = _ignored_note(ignored)
     args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
-    if getattr(args, "model", None):
-        notes.append(f"training args.model = {args.model}")
+    model_name = getattr(args, "model", None)
+    if model_name:
+        notes.append(f"training args.model = {model_name}")
     return Converted(state, "vit", dropped, notes)
 
 
@@ -171,7 +182,9 @@ def _convert_dino(checkpoint: Any, part: str = "teacher") -> Converted:
         raise ValueError(f"dino: part={part!r}; expected 'teacher' or 'student'")
     if isinstance(checkpoint, Mapping) and ("teacher" in checkpoint or "student" in checkpoint):
         if not isinstance(checkpoint.get(part), Mapping):
-            raise CheckpointError(f"dino full checkpoint has no '{part}' entry; entries: {sorted(map(str, checkpoint))}")
+            raise CheckpointError(
+                f"dino full checkpoint has no '{part}' entry; entries: {sorted(map(str, checkpoint))}"
+            )
         other = "student" if part == "teacher" else "teacher"
         state = _tensors(checkpoint[part])
         dropped = [f"{other}/{key}" for key in _tensors(checkpoint.get(other) or {})]
@@ -179,8 +192,8 @@ def _convert_dino(checkpoint: Any, part: str = "teacher") -> Converted:
         label = f"{part}/"
         notes = [f"took the {part} backbone of a full DINO checkpoint; the {other} and the DINO heads dropped"]
     else:
-        state, ignored = _split_entries(checkpoint, ("model", "state_dict"), "dino")
-        state, dropped, label, notes = _tensors(state), [], "", []
+        entries, ignored = _split_entries(checkpoint, ("model", "state_dict"), "dino")
+        state, dropped, label, notes = _tensors(entries), [], "", []
     prefix, backbone = _take_prefix(state, ("module.backbone.", "backbone.", "module."))
     if prefix is None:
         prefix, backbone = "", dict(state)
@@ -194,8 +207,9 @@ def _convert_simmim(checkpoint: Any) -> Converted:
     state, ignored = _split_entries(checkpoint, ("model",), "simmim")
     state = _tensors(state)
     if any(key.startswith(("encoder.layers.", "module.encoder.layers.")) for key in state):
-        raise CheckpointError("simmim checkpoint holds a Swin Transformer encoder; only the ViT encoder loads "
-                              "(onto timm Beit)")
+        raise CheckpointError(
+            "simmim checkpoint holds a Swin Transformer encoder; only the ViT encoder loads (onto timm Beit)"
+        )
     prefix, encoder = _take_prefix(state, ("module.encoder.", "encoder."))
     if prefix is None:
         prefix, encoder = "", dict(state)
@@ -219,7 +233,7 @@ def _convert_beit(checkpoint: Any) -> Converted:
         state = state["module"]
     state = _tensors(state)
     if all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
+        state = {key[len("module.") :]: value for key, value in state.items()}
     dropped = _drop(state, lambda key: key == "mask_token" or key.startswith("lm_head.") or _is_rel_pos_index(key))
     return Converted(state, "beit", dropped, _ignored_note(ignored))
 
@@ -239,8 +253,9 @@ def convert(source: str, checkpoint: Any, part: str | None = None) -> Converted:
     if part is None:
         return converter(checkpoint)
     if source not in ("moco-v3", "dino"):
-        raise ValueError(f"{source}: part= is only meaningful for moco-v3 ('base'/'momentum') and dino "
-                         "('teacher'/'student')")
+        raise ValueError(
+            f"{source}: part= is only meaningful for moco-v3 ('base'/'momentum') and dino ('teacher'/'student')"
+        )
     return converter(checkpoint, part=part)
 
 
@@ -264,21 +279,33 @@ class ArchGuess:
 
 
 _VIT_NAMES = {
-    (16, 192, 12): "vit_tiny_patch16_224", (16, 384, 12): "vit_small_patch16_224",
-    (8, 384, 12): "vit_small_patch8_224", (16, 768, 12): "vit_base_patch16_224",
-    (8, 768, 12): "vit_base_patch8_224", (16, 1024, 24): "vit_large_patch16_224",
+    (16, 192, 12): "vit_tiny_patch16_224",
+    (16, 384, 12): "vit_small_patch16_224",
+    (8, 384, 12): "vit_small_patch8_224",
+    (16, 768, 12): "vit_base_patch16_224",
+    (8, 768, 12): "vit_base_patch8_224",
+    (16, 1024, 24): "vit_large_patch16_224",
     (14, 1280, 32): "vit_huge_patch14_224",
 }
 _BEIT_NAMES = {(16, 768, 12): "beit_base_patch16_224", (16, 1024, 24): "beit_large_patch16_224"}
 
 
-def resolve_num_heads(source: str, embed_dim: int, *, override: int | None = None, hint: int | None = None,
-                      from_shapes: int | None = None, required: bool = True) -> int | None:
+def resolve_num_heads(
+    source: str,
+    embed_dim: int,
+    *,
+    override: int | None = None,
+    hint: int | None = None,
+    from_shapes: int | None = None,
+    required: bool = True,
+) -> int | None:
     """Heads: ``override`` > a shape that shows them > the checkpoint's config > the official table."""
     if override is not None:
         if from_shapes is not None and int(override) != from_shapes:
-            raise CheckpointError(f"{source}: num_heads={override} but the checkpoint's relative position "
-                                  f"bias table has {from_shapes} heads")
+            raise CheckpointError(
+                f"{source}: num_heads={override} but the checkpoint's relative position "
+                f"bias table has {from_shapes} heads"
+            )
         return int(override)
     for value in (from_shapes, hint):
         if value is not None:
@@ -289,15 +316,19 @@ def resolve_num_heads(source: str, embed_dim: int, *, override: int | None = Non
     if not required:
         return None
     known = ", ".join(f"{dim}->{heads}" for dim, heads in table.items()) or "none"
-    raise CheckpointError(f"{source}: embed dim {embed_dim} matches no official {source} ViT (embed dim -> heads: "
-                          f"{known}); the head count cannot be read from the weights, so pass num_heads=")
+    raise CheckpointError(
+        f"{source}: embed dim {embed_dim} matches no official {source} ViT (embed dim -> heads: "
+        f"{known}); the head count cannot be read from the weights, so pass num_heads="
+    )
 
 
 def _patch_facts(state: Mapping[str, Tensor], source: str) -> tuple[int, tuple[int, int], int]:
     weight = state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4:
-        raise CheckpointError(f"{source}: no patch_embed.proj.weight [C, 3, p, p] among the weights; not a ViT "
-                              f"checkpoint? first keys: {list(state)[:8]}")
+        raise CheckpointError(
+            f"{source}: no patch_embed.proj.weight [C, 3, p, p] among the weights; not a ViT "
+            f"checkpoint? first keys: {list(state)[:8]}"
+        )
     return int(weight.shape[0]), (int(weight.shape[2]), int(weight.shape[3])), int(weight.shape[1])
 
 
@@ -326,16 +357,21 @@ def pool_kwargs(state: Mapping[str, Tensor], class_token: bool) -> dict[str, Any
     return kwargs
 
 
-def infer_vit_arch(state: Mapping[str, Tensor], source: str, *, num_heads: int | None = None,
-                   num_heads_hint: int | None = None) -> ArchGuess:
+def infer_vit_arch(
+    state: Mapping[str, Tensor], source: str, *, num_heads: int | None = None, num_heads_hint: int | None = None
+) -> ArchGuess:
     """A timm ``VisionTransformer`` matching ``state``: width, depth, patch, grid, MLP ratio, biases."""
     embed_dim, patch, in_chans = _patch_facts(state, source)
     depth = _depth(state)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     class_token = "cls_token" in state
     kwargs: dict[str, Any] = {
-        "embed_dim": embed_dim, "depth": depth, "patch_size": patch[0] if patch[0] == patch[1] else patch,
-        "in_chans": in_chans, "qkv_bias": "blocks.0.attn.qkv.bias" in state, "class_token": class_token,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "patch_size": patch[0] if patch[0] == patch[1] else patch,
+        "in_chans": in_chans,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "class_token": class_token,
         "num_heads": resolve_num_heads(source, embed_dim, override=num_heads, hint=num_heads_hint),
     }
     if fc1 is not None:
@@ -373,8 +409,9 @@ def rel_table_facts(state: Mapping[str, Tensor]) -> tuple[int | None, int | None
     return heads, (span + 1) // 2
 
 
-def infer_beit_arch(state: Mapping[str, Tensor], source: str, *, num_heads: int | None = None,
-                    num_heads_hint: int | None = None) -> ArchGuess:
+def infer_beit_arch(
+    state: Mapping[str, Tensor], source: str, *, num_heads: int | None = None, num_heads_hint: int | None = None
+) -> ArchGuess:
     """A timm ``Beit`` matching ``state`` (BEiT and SimMIM): q/v biases, layer scale, relative bias."""
     embed_dim, patch, in_chans = _patch_facts(state, source)
     depth = _depth(state)
@@ -383,14 +420,18 @@ def infer_beit_arch(state: Mapping[str, Tensor], source: str, *, num_heads: int 
     if "blocks.0.mlp.fc1_g.weight" in state:
         raise CheckpointError(f"{source}: SwiGLU MLP blocks (BEiT v3 / EVA style) are not supported here")
     kwargs: dict[str, Any] = {
-        "embed_dim": embed_dim, "depth": depth, "patch_size": patch[0] if patch[0] == patch[1] else patch,
-        "in_chans": in_chans, "qkv_bias": "blocks.0.attn.q_bias" in state,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "patch_size": patch[0] if patch[0] == patch[1] else patch,
+        "in_chans": in_chans,
+        "qkv_bias": "blocks.0.attn.q_bias" in state,
         "use_abs_pos_emb": "pos_embed" in state,
         "use_shared_rel_pos_bias": "rel_pos_bias.relative_position_bias_table" in state,
         "use_rel_pos_bias": "blocks.0.attn.relative_position_bias_table" in state,
         "init_values": 0.1 if "blocks.0.gamma_1" in state else None,
-        "num_heads": resolve_num_heads(source, embed_dim, override=num_heads, hint=num_heads_hint,
-                                       from_shapes=heads_in_table),
+        "num_heads": resolve_num_heads(
+            source, embed_dim, override=num_heads, hint=num_heads_hint, from_shapes=heads_in_table
+        ),
     }
     if fc1 is not None:
         kwargs["mlp_ratio"] = fc1.shape[0] / embed_dim

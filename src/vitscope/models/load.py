@@ -22,26 +22,28 @@ Options common to all: ``strict`` (default True: a weight left at random init, a
 mis-shaped checkpoint weight is an error naming the keys), ``seed``; the remaining keyword arguments
 go to ``timm.create_model``. Files are read with ``torch.load(weights_only=True)`` or safetensors.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
 
 from torch import Tensor, nn
 
+from vitscope.models.build import create_timm_model, load_into
+from vitscope.models.cards import card_beside, find, read_card
 from vitscope.models.converters import (
     SOURCES,
     Converted,
     checkpoint_img_size,
-    pool_kwargs,
-    rel_table_facts,
     convert,
     infer_arch,
+    pool_kwargs,
+    rel_table_facts,
     resolve_num_heads,
 )
-from vitscope.models.build import create_timm_model, load_into
-from vitscope.models.cards import card_beside, find, read_card
 from vitscope.models.load_report import LoadReport, WeightsNotFoundError
 from vitscope.models.safe_load import read_checkpoint, read_state_dict
 from vitscope.models.specs import CHECKPOINT_KINDS, ModelSpec, parse_spec
@@ -77,7 +79,7 @@ def load_model(spec: str | ModelSpec, **options: Any) -> nn.Module:
     else:  # bundled
         model, report = _load_bundled(parsed, opts, strict, seed)
     model.eval()
-    model.vitscope_load_report = report
+    model.vitscope_load_report = report  # type: ignore[assignment]  # torch stub: a Module attribute may hold any value
     report.log()
     return model
 
@@ -99,8 +101,13 @@ def _reject(parsed: ModelSpec, opts: Mapping[str, Any], names: tuple[str, ...], 
 def _load_random(parsed: ModelSpec, opts: dict[str, Any], seed: Any) -> tuple[nn.Module, LoadReport]:
     _reject(parsed, opts, ("weights", "arch", "part"), "random:NAME builds NAME untrained")
     model = create_timm_model(parsed.target, opts, seed=seed, context=parsed.text)
-    report = LoadReport(spec=parsed.text, source="random", arch=parsed.target, arch_kwargs=dict(opts),
-                        notes=[f"random initialisation (seed={seed}); no weights loaded"])
+    report = LoadReport(
+        spec=parsed.text,
+        source="random",
+        arch=parsed.target,
+        arch_kwargs=dict(opts),
+        notes=[f"random initialisation (seed={seed}); no weights loaded"],
+    )
     return model, report
 
 
@@ -115,8 +122,10 @@ def _load_timm(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: Any)
     else:
         location = locate_timm_weights(name)
         if location.path is None:
-            raise WeightsNotFoundError(f"{parsed.text}: pretrained weights are not on this machine and vitscope "
-                                       f"never downloads them. {location.download_hint()}")
+            raise WeightsNotFoundError(
+                f"{parsed.text}: pretrained weights are not on this machine and vitscope "
+                f"never downloads them. {location.download_hint()}"
+            )
         path = location.path
     model = create_timm_model(name, opts, seed=seed, context=parsed.text)
     report = LoadReport(spec=parsed.text, source="timm", path=str(path), arch=name, arch_kwargs=dict(opts))
@@ -154,12 +163,23 @@ def _load_official(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: 
         model_kwargs = _kwargs_for_named_arch(converted, source, num_heads)
     model_kwargs.update(opts)
     facts = SOURCES[source]
-    report = LoadReport(spec=parsed.text, source=source, path=str(path), arch=arch, arch_kwargs=model_kwargs,
-                        dropped=list(converted.dropped), notes=list(converted.notes))
-    model = create_timm_model(arch, model_kwargs, seed=seed, context=parsed.text,
-                              cfg_overlay={"mean": facts.mean, "std": facts.std})
+    report = LoadReport(
+        spec=parsed.text,
+        source=source,
+        path=str(path),
+        arch=arch,
+        arch_kwargs=model_kwargs,
+        dropped=list(converted.dropped),
+        notes=list(converted.notes),
+    )
+    model = create_timm_model(
+        arch, model_kwargs, seed=seed, context=parsed.text, cfg_overlay={"mean": facts.mean, "std": facts.std}
+    )
     if "num_heads" not in model_kwargs:
-        heads = getattr(getattr(model.blocks[0], "attn", None), "num_heads", "?") if hasattr(model, "blocks") else "?"
+        heads = "?"
+        if hasattr(model, "blocks"):
+            first = cast("nn.Sequential | nn.ModuleList", model.blocks)[0]
+            heads = getattr(getattr(first, "attn", None), "num_heads", "?")
         report.notes.append(f"head count {heads} is {arch}'s default: the checkpoint does not show it")
     load_into(model, converted.state_dict, report, strict=strict)
     return model, report
@@ -170,22 +190,37 @@ def _kwargs_for_named_arch(converted: Converted, source: str, num_heads: int | N
     state = converted.state_dict
     patch = state.get("patch_embed.proj.weight")
     heads_in_table, _ = rel_table_facts(state)
-    heads = resolve_num_heads(source, int(patch.shape[0]) if patch is not None else -1, override=num_heads,
-                              hint=converted.num_heads_hint, from_shapes=heads_in_table, required=False)
+    heads = resolve_num_heads(
+        source,
+        int(patch.shape[0]) if patch is not None else -1,
+        override=num_heads,
+        hint=converted.num_heads_hint,
+        from_shapes=heads_in_table,
+        required=False,
+    )
     kwargs = pool_kwargs(state, class_token="cls_token" in state)
     if heads is not None:
         kwargs["num_heads"] = heads
     return kwargs
 
 
-def _load_file(parsed: ModelSpec, path: Path, opts: dict[str, Any], strict: bool, seed: Any,
-               cfg_overlay: Mapping[str, Any] | None = None, source: str = "file") -> tuple[nn.Module, LoadReport]:
+def _load_file(
+    parsed: ModelSpec,
+    path: Path,
+    opts: dict[str, Any],
+    strict: bool,
+    seed: Any,
+    cfg_overlay: Mapping[str, Any] | None = None,
+    source: str = "file",
+) -> tuple[nn.Module, LoadReport]:
     _reject(parsed, opts, ("weights", "part"), f"{parsed.kind}: names the weights file")
     path = path.expanduser()
     if path.is_dir():
         if not (path / ENCODER_FILE).is_file():
-            raise FileNotFoundError(f"{parsed.text}: {path} is a directory without {ENCODER_FILE} "
-                                    "(give the weights file, or a `vitscope pretrain` run directory)")
+            raise FileNotFoundError(
+                f"{parsed.text}: {path} is a directory without {ENCODER_FILE} "
+                "(give the weights file, or a `vitscope pretrain` run directory)"
+            )
         path = path / ENCODER_FILE
     elif not path.is_file():
         raise FileNotFoundError(f"{parsed.text}: no such file: {path}")
@@ -197,9 +232,11 @@ def _load_file(parsed: ModelSpec, path: Path, opts: dict[str, Any], strict: bool
         overlay = {key: tuple(sidecar[key]) for key in ("mean", "std") if sidecar.get(key)}
         cfg_overlay = {**overlay, **(cfg_overlay or {})}
     if not arch:
-        raise ValueError(f"{parsed.text}: file:PATH needs arch=NAME, the timm model the weights belong to "
-                         "(e.g. file:weights.safetensors?arch=vit_small_patch16_224), or an encoder.json "
-                         "beside it as `vitscope pretrain` writes")
+        raise ValueError(
+            f"{parsed.text}: file:PATH needs arch=NAME, the timm model the weights belong to "
+            "(e.g. file:weights.safetensors?arch=vit_small_patch16_224), or an encoder.json "
+            "beside it as `vitscope pretrain` writes"
+        )
     state = read_state_dict(path)
     model_kwargs = {**_file_defaults(arch, state), **opts}
     report = LoadReport(spec=parsed.text, source=source, path=str(path), arch=arch, arch_kwargs=model_kwargs)
@@ -226,7 +263,9 @@ def _file_defaults(arch: str, state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 def _load_bundled(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: Any) -> tuple[nn.Module, LoadReport]:
     bundled = find(parsed.target)
-    overlay = {key: tuple(bundled.card[key]) for key in ("mean", "std") if key in bundled.card}
+    overlay: dict[str, tuple[float, ...]] = {
+        key: tuple(bundled.card[key]) for key in ("mean", "std") if key in bundled.card
+    }
     merged = {**bundled.arch_kwargs, **opts, "arch": opts.get("arch") or bundled.arch}
     model, report = _load_file(parsed, bundled.weights, merged, strict, seed, cfg_overlay=overlay, source="bundled")
     report.notes.append(f"bundled model card: {bundled.weights.with_suffix('.json').name}")

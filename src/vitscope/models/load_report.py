@@ -1,4 +1,5 @@
 """What a load did: the model built, and every checkpoint key that was dropped, missing or unused."""
+
 from __future__ import annotations
 
 import logging

@@ -13,6 +13,7 @@ and nothing else:
 Any other class or callable in the pickle stream makes ``torch.load`` refuse the file, and
 :class:`UnsafeCheckpointError` names the file and the globals it asked for.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +56,7 @@ class _ConfigNodeStandIn:
     set its attribute dict, and nothing else happens: no yacs code, no code from the file.
     """
 
-    def __new__(cls, *args: Any) -> "OrderedDict[str, Any]":  # type: ignore[misc]
+    def __new__(cls, *args: Any) -> OrderedDict[str, Any]:  # type: ignore[misc]
         return OrderedDict()
 
 
@@ -96,19 +98,21 @@ def unwrap_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, 
     for _ in range(3):
         if not isinstance(state, Mapping):
             break
-        inner = next((state[key] for key in ("model", "state_dict", "module") if isinstance(state.get(key), Mapping)),
-                     None)
+        inner = next(
+            (state[key] for key in ("model", "state_dict", "module") if isinstance(state.get(key), Mapping)), None
+        )
         if inner is None:
             break
         state = inner
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), "
-                              f"got {type(state).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}"
+        )
     tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
         raise CheckpointError(f"{source}: no tensors found; top-level entries: {sorted(map(str, state))[:20]}")
     if all(key.startswith("module.") for key in tensors):
-        tensors = {key[len("module."):]: value for key, value in tensors.items()}
+        tensors = {key[len("module.") :]: value for key, value in tensors.items()}
     return tensors
 
 
@@ -125,13 +129,15 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
 def _unsafe_message(file: Path, err: Exception) -> str:
     try:
         wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) or damaged files: read torch's message instead
+    except Exception:
         wanted = []
     allowed = {"argparse.Namespace", "yacs.config.CfgNode"}
     refused = [name for name in wanted if name not in allowed]
     refused = refused or sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
     what = f"objects of {', '.join(refused)}" if refused else "objects outside the allowlist"
-    return (f"refusing to load {file}: unpickling it would construct {what}, which can run arbitrary code. "
-            "vitscope reads only tensors, containers, numbers and argparse/yacs metadata. If you trust the "
-            "file, re-save its weights in a trusted environment, e.g. "
-            "safetensors.torch.save_file(state_dict, 'weights.safetensors'), and load that.")
+    return (
+        f"refusing to load {file}: unpickling it would construct {what}, which can run arbitrary code. "
+        "vitscope reads only tensors, containers, numbers and argparse/yacs metadata. If you trust the "
+        "file, re-save its weights in a trusted environment, e.g. "
+        "safetensors.torch.save_file(state_dict, 'weights.safetensors'), and load that."
+    )

@@ -8,6 +8,7 @@ as strings otherwise; keyword arguments given to ``load_model`` override them.
     moco-v3:/ckpt/vit-s-300ep.pth.tar    mae:/ckpt/mae_pretrain_vit_base.pth?img_size=112
     file:/ckpt/my.safetensors?arch=vit_tiny_patch16_224   bundled:cl-tiny
 """
+
 from __future__ import annotations
 
 import ast
@@ -41,8 +42,10 @@ class ModelSpec:
 def parse_spec(text: str) -> ModelSpec:
     """Split ``KIND:TARGET[?k=v&...]`` into a :class:`ModelSpec`; a clear error for anything else."""
     if not isinstance(text, str) or ":" not in text:
-        raise ValueError(f"model spec {text!r}: expected KIND:TARGET with KIND one of {', '.join(KINDS)} "
-                         "(e.g. timm:vit_base_patch16_224, mae:/path/mae_pretrain_vit_base.pth)")
+        raise ValueError(
+            f"model spec {text!r}: expected KIND:TARGET with KIND one of {', '.join(KINDS)} "
+            "(e.g. timm:vit_base_patch16_224, mae:/path/mae_pretrain_vit_base.pth)"
+        )
     kind, _, rest = text.partition(":")
     kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
     if kind not in KINDS:

@@ -5,6 +5,7 @@ Looks in the Hugging Face hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, els
 (``TORCH_HOME/hub/checkpoints``) for its legacy URL's file. Nothing here opens a connection, so a
 missing file is reported at once with what to download and where to put it.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,11 @@ class WeightsLocation:
         lines = []
         if self.hf_repo:
             filename = self.hf_filename or _HF_FILENAMES[0]
-            lines.append(f"download https://huggingface.co/{self.hf_repo}/resolve/main/{filename} "
-                         f"(or, on a machine online: huggingface-cli download {self.hf_repo} {filename}; "
-                         f"the Hugging Face cache it fills is {hf_cache_dir()})")
+            lines.append(
+                f"download https://huggingface.co/{self.hf_repo}/resolve/main/{filename} "
+                f"(or, on a machine online: huggingface-cli download {self.hf_repo} {filename}; "
+                f"the Hugging Face cache it fills is {hf_cache_dir()})"
+            )
         if self.url and Path(urlparse(self.url).path).suffix in _LOADABLE_SUFFIXES:
             lines.append(f"{'or ' if lines else ''}download {self.url} and put it at {self.torch_hub_file}")
         lines.append("then pass the file with weights=PATH (timm:NAME?weights=PATH) or copy the cache folder here")
@@ -69,10 +72,13 @@ def locate_timm_weights(name: str) -> WeightsLocation:
     hf_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     url = getattr(cfg, "url", None) if cfg is not None else None
     if cfg is None or not (hf_id or url or getattr(cfg, "file", None)):
-        raise ValueError(f"timm:{name}: timm has no pretrained weights for this name; use random:{name} for a "
-                         "random-init control, or give a weights file with weights=PATH")
-    if getattr(cfg, "file", None) and Path(cfg.file).is_file():
-        return WeightsLocation(name, Path(cfg.file), hf_id, None, url, None)
+        raise ValueError(
+            f"timm:{name}: timm has no pretrained weights for this name; use random:{name} for a "
+            "random-init control, or give a weights file with weights=PATH"
+        )
+    cfg_file = getattr(cfg, "file", None)
+    if cfg_file and Path(cfg_file).is_file():
+        return WeightsLocation(name, Path(cfg_file), hf_id, None, url, None)
     hf_repo, hf_file = _split_hf_id(hf_id), getattr(cfg, "hf_hub_filename", None)
     hub_file = _torch_hub_checkpoints() / Path(urlparse(url).path).name if url else None
     path = _find_in_hf_cache(hf_repo, hf_file) if hf_repo else None
@@ -91,7 +97,7 @@ def _find_in_hf_cache(repo: str, filename: str | None) -> Path | None:
     cache = hf_cache_dir()
     if not cache.is_dir():
         return None
-    for candidate in ((filename,) if filename else _HF_FILENAMES):
+    for candidate in (filename,) if filename else _HF_FILENAMES:
         found = try_to_load_from_cache(repo, candidate, cache_dir=str(cache))
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)

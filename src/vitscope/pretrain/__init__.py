@@ -8,10 +8,21 @@
 - :mod:`.loop` — the one training loop;
 - :mod:`.trainer` — a pretraining run; :mod:`.finetuning` — a fine-tuning run.
 """
+
 from vitscope.pretrain.finetuning import FinetuneConfig, FinetuneResult, finetune
 from vitscope.pretrain.loop import TrainingDiverged
 from vitscope.pretrain.objectives import METHODS, ObjectiveConfig, build_objective
 from vitscope.pretrain.trainer import PretrainResult, TrainConfig, pretrain
 
-__all__ = ["METHODS", "ObjectiveConfig", "build_objective", "TrainConfig", "PretrainResult", "pretrain",
-           "FinetuneConfig", "FinetuneResult", "finetune", "TrainingDiverged"]
+__all__ = [
+    "METHODS",
+    "ObjectiveConfig",
+    "build_objective",
+    "TrainConfig",
+    "PretrainResult",
+    "pretrain",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "TrainingDiverged",
+]

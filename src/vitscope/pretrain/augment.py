@@ -15,18 +15,30 @@ Recipes (official ones, scaled for small grayscale images such as 28 px Fashion-
 Images come in as uint8 [B, H, W] (grayscale) or [B, H, W, 3] and leave as float [B, 3, S, S],
 normalised by the model's mean/std.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "CropSpec", "ViewSpec", "to_float_rgb", "random_resized_crop", "color_jitter", "random_grayscale",
-    "gaussian_blur", "solarize", "normalize", "make_view", "moco_view_specs", "mim_view_spec",
+    "CropSpec",
+    "ViewSpec",
+    "to_float_rgb",
+    "random_resized_crop",
+    "color_jitter",
+    "random_grayscale",
+    "gaussian_blur",
+    "solarize",
+    "normalize",
+    "make_view",
+    "moco_view_specs",
+    "mim_view_spec",
     "default_crop_scale",
 ]
 
@@ -69,7 +81,7 @@ def moco_view_specs(image_size: int, min_scale: float | None = None) -> tuple[Vi
     scale = (min_scale, 1.0) if min_scale is not None else default_crop_scale("moco", image_size)
     factor = max(image_size / 224.0, 0.25)
     sigma = (0.1 * factor, 2.0 * factor)
-    common = dict(crop=CropSpec(scale=scale), jitter_p=0.8, gray_p=0.2, blur_sigma=sigma)
+    common: dict[str, Any] = dict(crop=CropSpec(scale=scale), jitter_p=0.8, gray_p=0.2, blur_sigma=sigma)
     return ViewSpec(blur_p=1.0, solarize_p=0.0, **common), ViewSpec(blur_p=0.1, solarize_p=0.2, **common)
 
 
@@ -89,7 +101,9 @@ def to_float_rgb(images: Tensor) -> Tensor:
             return images.permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
     if images.dim() == 4 and images.shape[1] == 3:
         return images.float()
-    raise ValueError(f"images must be uint8 [B,H,W] / [B,H,W,3] or float [B,3,H,W], got {tuple(images.shape)} {images.dtype}")
+    raise ValueError(
+        f"images must be uint8 [B,H,W] / [B,H,W,3] or float [B,3,H,W], got {tuple(images.shape)} {images.dtype}"
+    )
 
 
 def _uniform(generator: torch.Generator, size: int, low: float, high: float) -> Tensor:
@@ -166,10 +180,16 @@ def gaussian_blur(images: Tensor, p: float, sigma: tuple[float, float], generato
     kernel = torch.exp(-0.5 * (offsets[None] / sigmas[:, None]) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
     x = images.reshape(1, b * c, h, w)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect" if w > radius else "replicate"),
-                 kernel[:, None, None, :], groups=b * c)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect" if h > radius else "replicate"),
-                 kernel[:, None, :, None], groups=b * c)
+    x = F.conv2d(
+        F.pad(x, (radius, radius, 0, 0), mode="reflect" if w > radius else "replicate"),
+        kernel[:, None, None, :],
+        groups=b * c,
+    )
+    x = F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="reflect" if h > radius else "replicate"),
+        kernel[:, None, :, None],
+        groups=b * c,
+    )
     return torch.where(apply, x.view(b, c, h, w), images)
 
 
@@ -184,8 +204,14 @@ def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
     return (images - m) / s
 
 
-def make_view(images: Tensor, size: int, spec: ViewSpec, generator: torch.Generator,
-              mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def make_view(
+    images: Tensor,
+    size: int,
+    spec: ViewSpec,
+    generator: torch.Generator,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Tensor:
     """One augmented, normalised view [B, 3, size, size] of float [B, 3, H, W] images in [0, 1].
 
     Every operation draws its parameters for the whole batch, whether or not it is applied, so the

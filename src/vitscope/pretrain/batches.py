@@ -4,6 +4,7 @@ Epoch e's order is a permutation seeded by (seed, e); step s takes the s-th glob
 rank r the r-th slice; augmentation draws from a generator seeded by :func:`step_seed` (seed, s, r).
 A run resumed at any step therefore sees exactly the images and augmentations it would have seen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ def load_images(spec: str, split: str, num_images: int | None, seed: int, image_
         indices = stratified_subset(dataset_labels(dataset), num_images, seed, total=len(dataset))
     array = getattr(dataset, "images", None)
     if isinstance(array, np.ndarray) and array.dtype == np.uint8:
-        labels = np.asarray(getattr(dataset, "labels"))[indices]
-        return torch.from_numpy(np.ascontiguousarray(array[indices])), torch.from_numpy(labels.astype(np.int64))
-    images, labels = [], []
+        chosen = np.asarray(dataset.labels)[indices]
+        return torch.from_numpy(np.ascontiguousarray(array[indices])), torch.from_numpy(chosen.astype(np.int64))
+    images: list[Tensor] = []
+    labels: list[int] = []
     for i in indices.tolist():
         item = dataset[i]
         if not isinstance(item, tuple):  # an unreadable file, skipped
@@ -50,8 +52,12 @@ def load_images(spec: str, split: str, num_images: int | None, seed: int, image_
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
     """A 63-bit seed that is a function of (seed, step, rank, stream) only."""
-    return int(np.random.SeedSequence([seed, step, rank, stream, 0x5EED]).generate_state(2, dtype=np.uint32)
-               .astype(np.uint64).dot([1 << 31, 1]))
+    return int(
+        np.random.SeedSequence([seed, step, rank, stream, 0x5EED])
+        .generate_state(2, dtype=np.uint32)
+        .astype(np.uint64)
+        .dot([1 << 31, 1])
+    )
 
 
 @dataclass

@@ -4,14 +4,16 @@ the step log, and the RNG states that make a resumed run end bit-identical (on C
 Every file is written atomically; ``train_state.pt`` holds plain tensors and Python values only, so it
 loads with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import random
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,8 +24,17 @@ from vitscope.models.cards import write_card
 from vitscope.pretrain.batches import BatchPlan
 
 __all__ = [
-    "STATE_FILE", "LOG_FILE", "check_run_dir", "capture_rng_state", "restore_rng_state", "save_weights",
-    "export_model", "save_train_state", "load_train_state", "truncate_log", "iter_log",
+    "STATE_FILE",
+    "LOG_FILE",
+    "check_run_dir",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_weights",
+    "export_model",
+    "save_train_state",
+    "load_train_state",
+    "truncate_log",
+    "iter_log",
 ]
 
 STATE_FILE, LOG_FILE = "train_state.pt", "log.jsonl"
@@ -43,12 +54,17 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path]
 # ------------------------------------------------------------------------------------------ RNG
 def capture_rng_state() -> dict:
     """Global RNG states of torch (CPU, CUDA), numpy and Python as tensors and plain Python values."""
-    np_state = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # legacy MT19937 tuple
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -59,7 +75,9 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -83,8 +101,18 @@ def export_model(out: Path, weights_name: str, card_name: str, module: nn.Module
 
 
 # ---------------------------------------------------------------------------------- train state
-def save_train_state(out: Path, *, format: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: Any, plan: BatchPlan, config: dict, **extra: Any) -> None:
+def save_train_state(
+    out: Path,
+    *,
+    format: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    plan: BatchPlan,
+    config: dict,
+    **extra: Any,
+) -> None:
     """``train_state.pt``: everything a resumed run needs (model, optimizer, scaler, RNG, data position)."""
     epoch, within = plan.position(step)
     state = {
@@ -103,8 +131,15 @@ def save_train_state(out: Path, *, format: str, step: int, model: nn.Module, opt
         torch.save(state, tmp)
 
 
-def load_train_state(path: Path, config: dict, resumable: Iterable[str], *, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
+def load_train_state(
+    path: Path,
+    config: dict,
+    resumable: Iterable[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+) -> dict:
     """Restore a run from ``path`` into ``model``, ``optimizer``, ``scaler`` and the global RNGs.
 
     Settings other than ``resumable`` must equal the saved ones (a field the file predates counts as
@@ -123,8 +158,11 @@ def load_train_state(path: Path, config: dict, resumable: Iterable[str], *, mode
     restore_rng_state(state["rng"])
     threads = state.get("num_threads")
     if threads is not None and threads != torch.get_num_threads():
-        warnings.warn(f"{path} was written with {threads} CPU threads, resuming with {torch.get_num_threads()}: "
-                      "the result will not be bit-identical to an uninterrupted run on CPU", stacklevel=2)
+        warnings.warn(
+            f"{path} was written with {threads} CPU threads, resuming with {torch.get_num_threads()}: "
+            "the result will not be bit-identical to an uninterrupted run on CPU",
+            stacklevel=2,
+        )
     return state
 
 

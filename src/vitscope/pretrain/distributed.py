@@ -1,4 +1,5 @@
 """Process groups the way torchrun describes them: NCCL on GPUs, gloo on CPUs."""
+
 from __future__ import annotations
 
 import os

@@ -12,11 +12,13 @@ The encoder is loaded by :func:`vitscope.models.load_model` (any spec; ``file:RU
 ``out``: ``model.safetensors`` + ``model.json`` (classifier with head), ``train_state.pt``,
 ``log.jsonl`` (step lines and ``{"epoch", "top1"}`` lines), ``metrics.json`` (top-1 per epoch).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -27,11 +29,21 @@ from vitscope.io import write_json_atomic
 from vitscope.pretrain import augment
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
 from vitscope.pretrain.checkpoint import (
-    LOG_FILE, check_run_dir, export_model, load_train_state, save_train_state, truncate_log,
+    LOG_FILE,
+    check_run_dir,
+    export_model,
+    load_train_state,
+    save_train_state,
+    truncate_log,
 )
 from vitscope.pretrain.distributed import DistEnv, all_mean, init_distributed
 from vitscope.pretrain.loop import Checkpointing, run_loop
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, layer_decay_groups, warmup_cosine_lr
+
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
+
+    from vitscope.models.load_report import LoadReport
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "load_encoder", "finetune", "evaluate_top1"]
 
@@ -44,12 +56,12 @@ class FinetuneConfig:
     model: str = "file:runs/moco/encoder.safetensors"
     model_kwargs: dict = field(default_factory=dict)
     data: str = "fashion-mnist"
-    test_data: str | None = None       # None: the test split of ``data``
+    test_data: str | None = None  # None: the test split of ``data``
     num_images: int | None = None
     num_test_images: int | None = None
     epochs: int = 10
     batch_size: int = 64
-    lr: float | None = None            # None: blr × global batch / 256
+    lr: float | None = None  # None: blr × global batch / 256
     blr: float = 1e-3
     layer_decay: float = 0.75
     weight_decay: float = 0.05
@@ -94,16 +106,29 @@ def load_encoder(spec: str, **options: object) -> tuple[nn.Module, dict]:
     from vitscope.models import load_model
 
     model = load_model(spec, **options)
-    report = model.vitscope_load_report
+    report = cast("LoadReport", model.vitscope_load_report)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return model, {"arch": report.arch, "arch_kwargs": dict(report.arch_kwargs),
-                   "mean": list(cfg.get("mean", (0.5, 0.5, 0.5))), "std": list(cfg.get("std", (0.5, 0.5, 0.5)))}
+    return model, {
+        "arch": report.arch,
+        "arch_kwargs": dict(report.arch_kwargs),
+        "mean": list(cfg.get("mean", (0.5, 0.5, 0.5))),
+        "std": list(cfg.get("std", (0.5, 0.5, 0.5))),
+    }
 
 
 # ----------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, images: Tensor, labels: Tensor, size: int, mean: tuple, std: tuple,
-                  batch_size: int, env: DistEnv, amp_dtype: torch.dtype | None) -> float:
+def evaluate_top1(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    size: int,
+    mean: tuple,
+    std: tuple,
+    batch_size: int,
+    env: DistEnv,
+    amp_dtype: torch.dtype | None,
+) -> float:
     """Top-1 accuracy over (images, labels), each rank scoring its strided share, summed across ranks."""
     was_training = model.training
     model.eval()
@@ -128,10 +153,20 @@ def evaluate_top1(model: nn.Module, images: Tensor, labels: Tensor, size: int, m
 class FinetuneStep:
     """One optimizer step of fine-tuning: schedule, batch, augmentation, forward, backward."""
 
-    def __init__(self, cfg: FinetuneConfig, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, data: tuple[Tensor, Tensor], plan: BatchPlan, env: DistEnv,
-                 schedule: tuple[int, int, float], view: tuple[int, tuple, tuple],
-                 amp_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        model: nn.Module,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        data: tuple[Tensor, Tensor],
+        plan: BatchPlan,
+        env: DistEnv,
+        schedule: tuple[int, int, float],
+        view: tuple[int, tuple, tuple],
+        amp_dtype: torch.dtype | None,
+    ) -> None:
         self.cfg, self.model, self.net, self.optimizer, self.scaler = cfg, model, net, optimizer, scaler
         (self.images, self.labels), self.plan, self.env, self.amp_dtype = data, plan, env, amp_dtype
         self.total, self.warmup, self.lr = schedule
@@ -145,8 +180,9 @@ class FinetuneStep:
             group["lr"] = lr * group["lr_scale"]
         generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, env.rank))
         index = torch.from_numpy(self.plan.indices(step, env.rank)).to(env.device)
-        x = augment.make_view(augment.to_float_rgb(self.images[index]), self.size, self.spec, generator, self.mean,
-                              self.std)
+        x = augment.make_view(
+            augment.to_float_rgb(self.images[index]), self.size, self.spec, generator, self.mean, self.std
+        )
         with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss = F.cross_entropy(self.net(x).float(), self.labels[index], label_smoothing=cfg.label_smoothing)
         reported = float(all_mean(loss.detach().clone(), env))
@@ -165,15 +201,17 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     torch.manual_seed(cfg.seed)
     model, meta = load_encoder(cfg.model, **cfg.model_kwargs)
-    size = int(model.patch_embed.img_size[0])
+    vit = cast("VisionTransformer", model)  # a timm ViT: patch_embed.img_size, reset_classifier, head
+    size = int(vit.patch_embed.img_size[0])
     train_x, train_y = load_images(cfg.data, "train", cfg.num_images, cfg.seed, size)
     test_x, test_y = load_images(cfg.test_data or cfg.data, "test", cfg.num_test_images, cfg.seed, size)
     if int(train_y.min()) < 0:
         raise ValueError(f"data {cfg.data!r}: fine-tuning needs labelled images (class folders)")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    model.reset_classifier(num_classes)
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
+    vit.reset_classifier(num_classes)
+    head = cast(nn.Linear, vit.head)  # with num_classes ≥ 1, reset_classifier made it a Linear layer
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
     _set_drop_path(model, cfg.drop_path)
     meta = {**meta, "arch_kwargs": {**meta["arch_kwargs"], "num_classes": num_classes}, "method": "finetune"}
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
@@ -183,28 +221,43 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         raise ValueError(f"batch_size {cfg.batch_size} × {env.world} exceeds the {len(train_x)} training images")
     total = cfg.epochs * plan.steps_per_epoch
     lr = cfg.lr if cfg.lr is not None else cfg.blr * plan.global_batch / 256
-    warmup = int(round(cfg.warmup_epochs * plan.steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
     model.to(env.device)
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr,
-                                  betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(
+        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=(0.9, 0.999)
+    )
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     torch.manual_seed(step_seed(cfg.seed, 0, env.rank, stream=1))
 
     start, top1 = 0, []
     if cfg.resume:
-        state = load_train_state(state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=model, optimizer=optimizer,
-                                 scaler=scaler)
+        state = load_train_state(
+            state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=model, optimizer=optimizer, scaler=scaler
+        )
         start, top1 = int(state["step"]), list(state["top1"])
         if env.is_main:
             truncate_log(out / LOG_FILE, start)
 
     net: nn.Module = model
     if env.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     test_x, test_y = test_x.to(env.device), test_y.to(env.device)
-    step_fn = FinetuneStep(cfg, model, net, optimizer, scaler, (train_x.to(env.device), train_y.to(env.device)),
-                           plan, env, (total, warmup, lr), (size, mean, std), amp_dtype)
+    step_fn = FinetuneStep(
+        cfg,
+        model,
+        net,
+        optimizer,
+        scaler,
+        (train_x.to(env.device), train_y.to(env.device)),
+        plan,
+        env,
+        (total, warmup, lr),
+        (size, mean, std),
+        amp_dtype,
+    )
     model.train()
 
     def after_step(done: int) -> tuple[dict, str] | None:
@@ -216,16 +269,35 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         return {"epoch": epoch, "top1": acc}, f"epoch {epoch}/{cfg.epochs}: test top-1 {acc:.4f}"
 
     def write(done: int) -> None:
-        export_model(out, MODEL_FILE, MODEL_CARD, model, {**meta, "step": done, "top1": top1,
-                                                           "finetuned_from": cfg.model})
-        save_train_state(out, format="vitscope-finetune-state-v1", step=done, model=model, optimizer=optimizer,
-                         scaler=scaler, plan=plan, config=cfg.to_dict(), top1=top1)
+        export_model(
+            out, MODEL_FILE, MODEL_CARD, model, {**meta, "step": done, "top1": top1, "finetuned_from": cfg.model}
+        )
+        save_train_state(
+            out,
+            format="vitscope-finetune-state-v1",
+            step=done,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            plan=plan,
+            config=cfg.to_dict(),
+            top1=top1,
+        )
         if done == total:
             write_json_atomic(out / "metrics.json", {"top1_per_epoch": top1, "model": cfg.model, "data": cfg.data})
 
-    run_loop(step_fn, start=start, total=total, env=env, out=out,
-             checkpointing=Checkpointing(cfg.save_every, write, state_path=state_path),
-             images_per_step=plan.global_batch, progress=cfg.progress, after_step=after_step, desc="finetune")
+    run_loop(
+        step_fn,
+        start=start,
+        total=total,
+        env=env,
+        out=out,
+        checkpointing=Checkpointing(cfg.save_every, write, state_path=state_path),
+        images_per_step=plan.global_batch,
+        progress=cfg.progress,
+        after_step=after_step,
+        desc="finetune",
+    )
     return FinetuneResult(model, top1, total, out, plan, env)
 
 

@@ -6,14 +6,17 @@ with the last good checkpoint named, appends one ``log.jsonl`` line per step (ra
 progress bar (rank 0), runs a hook after each step (fine-tuning's per-epoch evaluation) and writes
 checkpoints every ``save_every`` steps and at the end (rank 0; the other ranks wait at a barrier).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.distributed as dist
 
@@ -41,7 +44,7 @@ class Checkpointing:
     state_path: Path | None = None  # named in the divergence message
 
 
-def _progress(start: int, total: int, enabled: bool, desc: str):  # noqa: ANN202 - tqdm or None
+def _progress(start: int, total: int, enabled: bool, desc: str):
     if not enabled:
         return None
     from tqdm import tqdm
@@ -49,9 +52,20 @@ def _progress(start: int, total: int, enabled: bool, desc: str):  # noqa: ANN202
     return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
-def run_loop(step_fn: StepFn, *, start: int, total: int, env: DistEnv, out: Path, checkpointing: Checkpointing,
-             images_per_step: int, progress: bool = True, log_every: int = 1, after_step: StepHook | None = None,
-             desc: str = "train") -> list[float]:
+def run_loop(
+    step_fn: StepFn,
+    *,
+    start: int,
+    total: int,
+    env: DistEnv,
+    out: Path,
+    checkpointing: Checkpointing,
+    images_per_step: int,
+    progress: bool = True,
+    log_every: int = 1,
+    after_step: StepHook | None = None,
+    desc: str = "train",
+) -> list[float]:
     """Run steps ``start .. total − 1`` of a training run; return the losses of the steps run.
 
     Args:
@@ -67,28 +81,32 @@ def run_loop(step_fn: StepFn, *, start: int, total: int, env: DistEnv, out: Path
 
     losses: list[float] = []
     last_saved = start
-    log = None
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / LOG_FILE, "a")
-    bar = _progress(start, total, env.is_main and progress, desc)
-    try:
+    with ExitStack() as stack:
+        log = None
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(out / LOG_FILE, "a"))  # closed by the stack
+        bar = _progress(start, total, env.is_main and progress, desc)
+        if bar is not None:
+            stack.callback(bar.close)
         for step in range(start, total):
             tick = time.perf_counter()
             record = step_fn(step)
             loss = float(record["loss"])
             if not math.isfinite(loss):
                 kept = f"{checkpointing.state_path or out}, step {last_saved}" if last_saved > 0 else "none written yet"
-                raise TrainingDiverged(f"loss is {loss} at step {step}; stopped. The last good checkpoint ({kept}) "
-                                       "was kept.")
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step}; stopped. The last good checkpoint ({kept}) was kept."
+                )
             losses.append(loss)
             done = step + 1
             rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
             if log is not None and (done % log_every == 0 or done == total):
                 log.write(json.dumps({"step": step, **record, "images_per_s": rate}) + "\n")
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}", refresh=False
+                )
                 bar.update(1)
             report = after_step(done) if after_step is not None else None
             if report is not None and env.is_main:
@@ -107,9 +125,4 @@ def run_loop(step_fn: StepFn, *, start: int, total: int, env: DistEnv, out: Path
                 last_saved = done
                 if env.world > 1:
                     dist.barrier()
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
     return losses

@@ -9,11 +9,13 @@ Each objective is an ``nn.Module`` with
 The losses themselves are small functions (``moco_contrastive_loss``, ``simmim_loss``, ``mae_loss``)
 so tests can check them against hand computations.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import timm
 import torch
@@ -25,10 +27,25 @@ from torch import Tensor, nn
 from vitscope.pretrain import augment
 
 __all__ = [
-    "ObjectiveConfig", "create_encoder", "sincos_pos_embed_2d", "patchify", "unpatchify",
-    "concat_all_gather", "moco_contrastive_loss", "simmim_loss", "mae_loss", "mae_pixel_targets",
-    "random_masking", "simmim_mask", "moco_momentum", "MoCoV3", "SimMIM", "MAE", "Hybrid",
-    "build_objective", "METHODS",
+    "ObjectiveConfig",
+    "create_encoder",
+    "sincos_pos_embed_2d",
+    "patchify",
+    "unpatchify",
+    "concat_all_gather",
+    "moco_contrastive_loss",
+    "simmim_loss",
+    "mae_loss",
+    "mae_pixel_targets",
+    "random_masking",
+    "simmim_mask",
+    "moco_momentum",
+    "MoCoV3",
+    "SimMIM",
+    "MAE",
+    "Hybrid",
+    "build_objective",
+    "METHODS",
 ]
 
 METHODS = ("moco", "simmim", "mae", "hybrid")
@@ -39,19 +56,19 @@ class ObjectiveConfig:
     """Hyper-parameters of the objectives (defaults: the official recipes, decoders scaled down)."""
 
     method: str = "moco"
-    mim: str = "simmim"                # the MIM half of the hybrid
-    cl_weight: float = 0.2             # λ of the hybrid: (1 − λ)·L_MIM + λ·L_CL
+    mim: str = "simmim"  # the MIM half of the hybrid
+    cl_weight: float = 0.2  # λ of the hybrid: (1 − λ)·L_MIM + λ·L_CL
     # MoCo v3
     moco_dim: int = 256
-    moco_mlp_dim: int = 1024           # official 4096; 1024 keeps tiny encoders' heads in proportion
+    moco_mlp_dim: int = 1024  # official 4096; 1024 keeps tiny encoders' heads in proportion
     moco_t: float = 0.2
     moco_m: float = 0.99
     freeze_patch_embed: bool = False
     # SimMIM / MAE
-    mask_ratio: float | None = None    # None: 0.6 (SimMIM) / 0.75 (MAE)
+    mask_ratio: float | None = None  # None: 0.6 (SimMIM) / 0.75 (MAE)
     mask_patch_size: int | None = None  # SimMIM mask granularity in pixels (None: the patch size)
-    norm_pix_loss: bool = True         # MAE's per-patch normalised pixel targets
-    decoder_dim: int = 128             # MAE light decoder (official ViT-B: 512 / 8 / 16)
+    norm_pix_loss: bool = True  # MAE's per-patch normalised pixel targets
+    decoder_dim: int = 128  # MAE light decoder (official ViT-B: 512 / 8 / 16)
     decoder_depth: int = 2
     decoder_heads: int = 4
     crop_min_scale: float | None = None  # None: the recipe's own (see augment.default_crop_scale)
@@ -67,7 +84,9 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, num_prefix: int = 1, te
     if dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos position embedding, got {dim}")
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     pos_dim = dim // 4
     omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float64) / pos_dim)
     out_c = cols.flatten()[:, None] * omega[None]
@@ -77,8 +96,9 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, num_prefix: int = 1, te
     return emb.float()[None]
 
 
-def create_encoder(arch: str, model_kwargs: dict | None = None, *, sincos_pos: bool = False,
-                   freeze_patch_embed: bool = False) -> VisionTransformer:
+def create_encoder(
+    arch: str, model_kwargs: dict | None = None, *, sincos_pos: bool = False, freeze_patch_embed: bool = False
+) -> VisionTransformer:
     """A timm ViT without classifier head (``num_classes=0``), optionally with MoCo v3's tricks.
 
     ``sincos_pos`` replaces the learned position embedding by a fixed 2-D sin-cos one;
@@ -238,7 +258,7 @@ class MoCoV3(nn.Module):
         rank = _rank()
         loss_a, logits = moco_contrastive_loss(q1, concat_all_gather(k2), self.cfg.moco_t, rank)
         loss_b, _ = moco_contrastive_loss(q2, concat_all_gather(k1), self.cfg.moco_t, rank)
-        self.last_logits_shape = tuple(logits.shape)
+        self.last_logits_shape = (logits.shape[0], logits.shape[1])
         loss = loss_a + loss_b
         return {"loss": loss, "loss_cl": loss.detach()}
 
@@ -251,7 +271,7 @@ def simmim_mask(batch: int, grid: tuple[int, int], ratio: float, scale: int, gen
     if h % scale or w % scale:
         raise ValueError(f"mask patch size must divide the grid: grid {grid}, {scale} patches per mask cell")
     cells = (h // scale) * (w // scale)
-    count = int(math.ceil(cells * ratio))
+    count = math.ceil(cells * ratio)
     order = torch.rand(batch, cells, generator=generator).argsort(dim=1)
     coarse = torch.zeros(batch, cells)
     coarse.scatter_(1, order[:, :count], 1.0)
@@ -290,16 +310,18 @@ class SimMIM(nn.Module):
         return simmim_mask(batch, self.grid, self.mask_ratio, self.mask_scale, generator)
 
     def prepare(self, images: Tensor, generator: torch.Generator, momentum: float = 0.99) -> dict:
-        view = augment.make_view(augment.to_float_rgb(images), self.image_size, self.view_spec, generator, self.mean, self.std)
+        view = augment.make_view(
+            augment.to_float_rgb(images), self.image_size, self.view_spec, generator, self.mean, self.std
+        )
         return {"mim_view": view, "mask": self.make_mask(view.shape[0], generator).to(view.device)}
 
     def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
         """Pixel predictions [B, N, p·p·3] for every patch of images [B, 3, H, W] with mask [B, N] hidden."""
-        x = self.encoder.patch_embed(images)                          # [B, N, C]
+        x = self.encoder.patch_embed(images)  # [B, N, C]
         w = mask.to(x.dtype).unsqueeze(-1)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = _encode(self.encoder, self.encoder._pos_embed(x))          # [B, 1 + N, C]
-        return self.pixel_head(x[:, self.encoder.num_prefix_tokens:])
+        x = _encode(self.encoder, self.encoder._pos_embed(x))  # [B, 1 + N, C]
+        return self.pixel_head(x[:, self.encoder.num_prefix_tokens :])
 
     def forward(self, inputs: dict) -> dict:
         images, mask = inputs["mim_view"], inputs["mask"]
@@ -344,6 +366,7 @@ class MAE(nn.Module):
     """MAE: the encoder sees only visible patches; a light decoder with mask tokens predicts pixels."""
 
     method = "mae"
+    decoder_pos_embed: Tensor  # a buffer
 
     def __init__(self, encoder: VisionTransformer, cfg: ObjectiveConfig) -> None:
         super().__init__()
@@ -359,8 +382,9 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(self.grid, dim, 1), persistent=False)
-        self.decoder_blocks = nn.Sequential(*[Block(dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True)
-                                              for _ in range(cfg.decoder_depth)])
+        self.decoder_blocks = nn.Sequential(
+            *[Block(dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, self.patch * self.patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -372,23 +396,26 @@ class MAE(nn.Module):
         self.view_spec = augment.mim_view_spec("mae", self.image_size, cfg.crop_min_scale)
 
     def prepare(self, images: Tensor, generator: torch.Generator, momentum: float = 0.99) -> dict:
-        view = augment.make_view(augment.to_float_rgb(images), self.image_size, self.view_spec, generator, self.mean, self.std)
+        view = augment.make_view(
+            augment.to_float_rgb(images), self.image_size, self.view_spec, generator, self.mean, self.std
+        )
         noise = torch.rand(view.shape[0], self.grid[0] * self.grid[1], generator=generator)
         return {"mim_view": view, "noise": noise.to(view.device)}
 
     def encode_visible(self, images: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Encoder over the visible patches only: (latent [B, 1 + K, C], mask [B, N], ids_restore [B, N])."""
         enc = self.encoder
-        x = enc.patch_embed(images)                                   # [B, N, C]
+        x = enc.patch_embed(images)  # [B, N, C]
         prefix_pos = None
         if enc.pos_embed is not None:
             if enc.no_embed_class:
                 x = x + enc.pos_embed
             else:
-                x = x + enc.pos_embed[:, enc.num_prefix_tokens:]
+                x = x + enc.pos_embed[:, enc.num_prefix_tokens :]
                 prefix_pos = enc.pos_embed[:, : enc.num_prefix_tokens]
         x, mask, ids_restore = random_masking(x, noise, self.mask_ratio)
-        cls = enc.cls_token if prefix_pos is None else enc.cls_token + prefix_pos
+        cls_token = cast(Tensor, enc.cls_token)  # not None: create_encoder requires a class token
+        cls = cls_token if prefix_pos is None else cls_token + prefix_pos
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         return _encode(enc, enc.pos_drop(x)), mask, ids_restore
 
@@ -443,7 +470,10 @@ class Hybrid(nn.Module):
         return self.cl.last_logits_shape
 
 
-def build_objective(arch: str, model_kwargs: dict | None, cfg: ObjectiveConfig) -> nn.Module:
+Objective = MoCoV3 | SimMIM | MAE | Hybrid
+
+
+def build_objective(arch: str, model_kwargs: dict | None, cfg: ObjectiveConfig) -> Objective:
     """The objective module for ``cfg.method`` around a fresh encoder (MoCo/MAE/hybrid: sin-cos positions)."""
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
@@ -451,6 +481,9 @@ def build_objective(arch: str, model_kwargs: dict | None, cfg: ObjectiveConfig) 
         raise ValueError(f"mim must be simmim or mae, not {cfg.mim!r}")
     uses_cl = cfg.method in ("moco", "hybrid")
     sincos = cfg.method != "simmim"
-    encoder = create_encoder(arch, model_kwargs, sincos_pos=sincos, freeze_patch_embed=cfg.freeze_patch_embed and uses_cl)
-    cls = {"moco": MoCoV3, "simmim": SimMIM, "mae": MAE, "hybrid": Hybrid}[cfg.method]
+    encoder = create_encoder(
+        arch, model_kwargs, sincos_pos=sincos, freeze_patch_embed=cfg.freeze_patch_embed and uses_cl
+    )
+    classes: dict[str, type[Objective]] = {"moco": MoCoV3, "simmim": SimMIM, "mae": MAE, "hybrid": Hybrid}
+    cls = classes[cfg.method]
     return cls(encoder, cfg)

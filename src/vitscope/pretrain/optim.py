@@ -1,9 +1,10 @@
 """Optimisation pieces shared by pretraining and fine-tuning: schedules, parameter groups, precision and
 one clipped optimizer step."""
+
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,17 +48,22 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
     Layer ids: embeddings 0, block i → i + 1, head and final norms L = blocks + 1.
     """
-    num_layers = len(getattr(model, "blocks")) + 1
+    num_layers = len(cast("nn.Sequential | nn.ModuleList", model.blocks)) + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim == 1 or name.endswith(("pos_embed", "cls_token", "reg_token", "dist_token"))
         layer = _layer_id(name, num_layers)
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr_scale": layer_decay ** (num_layers - layer), "layer": layer,
-        })
+        group = groups.setdefault(
+            (layer, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers - layer),
+                "layer": layer,
+            },
+        )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
@@ -75,8 +81,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
 
 
-def backward_and_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                      clip: float | None) -> float:
+def backward_and_step(
+    loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, clip: float | None
+) -> float:
     """Backward, optional gradient clipping (by global norm), optimizer step; returns the gradient norm."""
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:

@@ -13,25 +13,38 @@ Files under ``out`` (written by rank 0 only, each atomically):
 - ``log.jsonl`` — one line per step (appended; truncated to the resumed step on resume);
 - ``snapshots/step-NNNNNNN/`` — with ``keep_every``: the encoder (and its card) every N steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from timm.models import VisionTransformer
 from torch import nn
 
 from vitscope.models.cards import ENCODER_CARD
 from vitscope.models.load import ENCODER_FILE
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
 from vitscope.pretrain.checkpoint import (
-    LOG_FILE, check_run_dir, export_model, load_train_state, save_train_state, truncate_log,
+    LOG_FILE,
+    check_run_dir,
+    export_model,
+    load_train_state,
+    save_train_state,
+    truncate_log,
 )
 from vitscope.pretrain.distributed import DistEnv, all_mean, init_distributed
 from vitscope.pretrain.loop import Checkpointing, TrainingDiverged, run_loop
 from vitscope.pretrain.objectives import (
-    ObjectiveConfig, build_objective, encoder_geometry, encoder_norm_stats, moco_momentum,
+    Objective,
+    ObjectiveConfig,
+    build_objective,
+    encoder_geometry,
+    encoder_norm_stats,
+    moco_momentum,
 )
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, param_groups, warmup_cosine_lr
 
@@ -53,19 +66,19 @@ class TrainConfig:
     epochs: float | None = None
     steps: int | None = None
     batch_size: int = 64
-    lr: float | None = None            # None: blr × global batch / 256
+    lr: float | None = None  # None: blr × global batch / 256
     blr: float = 1.5e-4
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int | None = None    # None: 10 % of the steps
+    warmup_steps: int | None = None  # None: 10 % of the steps
     clip_grad: float | None = 3.0
     seed: int = 0
-    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"
     out: str = "runs/pretrain"
     save_every: int = 500
-    keep_every: int | None = None      # also keep the encoder every N steps under snapshots/step-NNNNNNN/
+    keep_every: int | None = None  # also keep the encoder every N steps under snapshots/step-NNNNNNN/
     resume: bool = False
     progress: bool = True
     log_every: int = 1
@@ -95,12 +108,13 @@ class PretrainResult:
 
 def _total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
     if plan.steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} × {plan.world} process(es) exceeds the "
-                         f"{plan.num_images} training images")
+        raise ValueError(
+            f"batch_size {cfg.batch_size} × {plan.world} process(es) exceeds the {plan.num_images} training images"
+        )
     if cfg.steps is not None:
         total = cfg.steps
     elif cfg.epochs is not None:
-        total = int(round(cfg.epochs * plan.steps_per_epoch))
+        total = round(cfg.epochs * plan.steps_per_epoch)
     else:
         raise ValueError("give epochs or steps")
     if total < 1:
@@ -112,7 +126,7 @@ def _timm_name(arch: str) -> str:
     return arch.split(":", 1)[1] if arch.startswith("timm:") else arch
 
 
-def encoder_card(encoder: nn.Module, cfg: TrainConfig, step: int) -> dict:
+def encoder_card(encoder: VisionTransformer, cfg: TrainConfig, step: int) -> dict:
     """The ``encoder.json`` model card of a pretrained encoder at ``step``."""
     image_size, patch, _ = encoder_geometry(encoder)
     mean, std = encoder_norm_stats(encoder)
@@ -134,7 +148,7 @@ def encoder_card(encoder: nn.Module, cfg: TrainConfig, step: int) -> dict:
     }
 
 
-def export_encoder(out: Path, encoder: nn.Module, cfg: TrainConfig, step: int) -> None:
+def export_encoder(out: Path, encoder: VisionTransformer, cfg: TrainConfig, step: int) -> None:
     """``encoder.safetensors`` (timm key names) and its ``encoder.json`` card, each written atomically."""
     export_model(out, ENCODER_FILE, ENCODER_CARD, encoder, encoder_card(encoder, cfg, step))
 
@@ -142,9 +156,19 @@ def export_encoder(out: Path, encoder: nn.Module, cfg: TrainConfig, step: int) -
 class PretrainStep:
     """One optimizer step of pretraining: schedule, batch, augmentation, forward, backward."""
 
-    def __init__(self, cfg: TrainConfig, objective: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, images: torch.Tensor, plan: BatchPlan, env: DistEnv,
-                 schedule: dict, amp_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        objective: Objective,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        images: torch.Tensor,
+        plan: BatchPlan,
+        env: DistEnv,
+        schedule: dict,
+        amp_dtype: torch.dtype | None,
+    ) -> None:
         self.cfg, self.objective, self.model, self.optimizer, self.scaler = cfg, objective, model, optimizer, scaler
         self.images, self.plan, self.env, self.schedule, self.amp_dtype = images, plan, env, schedule, amp_dtype
         self.uses_momentum = cfg.objective.method in ("moco", "hybrid")
@@ -165,8 +189,12 @@ class PretrainStep:
             return {"loss": float(reported[0])}
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = backward_and_step(parts["loss"], self.objective, self.optimizer, self.scaler, cfg.clip_grad)
-        record = {"epoch": step / self.plan.steps_per_epoch, "lr": lr,
-                  **{k: float(v) for k, v in zip(parts.keys(), reported)}, "grad_norm": grad_norm}
+        record = {
+            "epoch": step / self.plan.steps_per_epoch,
+            "lr": lr,
+            **{k: float(v) for k, v in zip(parts.keys(), reported)},
+            "grad_norm": grad_norm,
+        }
         if momentum is not None:
             record["momentum"] = momentum
         return record
@@ -188,15 +216,17 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
     schedule = {"name": "warmup_cosine", "lr": lr, "min_lr": cfg.min_lr, "warmup_steps": warmup, "total_steps": total}
 
     objective.to(env.device)
-    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas))
+    betas = cast("tuple[float, float]", tuple(cfg.betas))  # still a pair; mypy sees tuple[float, ...]
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, betas=betas)
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     torch.manual_seed(step_seed(cfg.seed, 0, env.rank, stream=1))  # dropout / drop-path stream of this rank
 
     start = 0
     if cfg.resume:
-        state = load_train_state(state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=objective, optimizer=optimizer,
-                                 scaler=scaler)
+        state = load_train_state(
+            state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=objective, optimizer=optimizer, scaler=scaler
+        )
         start = int(state["step"])
         if env.is_main:
             truncate_log(out / LOG_FILE, start)
@@ -206,20 +236,40 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
         if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    step_fn = PretrainStep(cfg, objective, model, optimizer, scaler, images.to(env.device), plan, env, schedule,
-                           amp_dtype)
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
+    step_fn = PretrainStep(
+        cfg, objective, model, optimizer, scaler, images.to(env.device), plan, env, schedule, amp_dtype
+    )
 
     def write(done: int) -> None:
         export_encoder(out, objective.encoder, cfg, done)
-        save_train_state(out, format="vitscope-train-state-v1", step=done, model=objective, optimizer=optimizer,
-                         scheduler=schedule, scaler=scaler, plan=plan, config=cfg.to_dict())
+        save_train_state(
+            out,
+            format="vitscope-train-state-v1",
+            step=done,
+            model=objective,
+            optimizer=optimizer,
+            scheduler=schedule,
+            scaler=scaler,
+            plan=plan,
+            config=cfg.to_dict(),
+        )
 
     def keep(done: int) -> None:
         export_encoder(out / SNAPSHOT_DIR / f"step-{done:07d}", objective.encoder, cfg, done)
 
     checkpointing = Checkpointing(cfg.save_every, write, cfg.keep_every, keep, state_path)
-    losses = run_loop(step_fn, start=start, total=total, env=env, out=out, checkpointing=checkpointing,
-                      images_per_step=plan.global_batch, progress=cfg.progress, log_every=cfg.log_every,
-                      desc="pretrain")
+    losses = run_loop(
+        step_fn,
+        start=start,
+        total=total,
+        env=env,
+        out=out,
+        checkpointing=checkpointing,
+        images_per_step=plan.global_batch,
+        progress=cfg.progress,
+        log_every=cfg.log_every,
+        desc="pretrain",
+    )
     return PretrainResult(objective, total, losses, out, plan, env)

@@ -3,6 +3,7 @@
 :mod:`.series` reads curves out of tidy rows, :mod:`.claims` judges the papers' findings,
 :mod:`.figures` draws, :mod:`.html` lays out, :mod:`.render` puts a results directory's report together.
 """
+
 from vitscope.report.claims import (
     ClaimsRecord,
     ClaimVerdict,
@@ -16,5 +17,17 @@ from vitscope.report.claims import (
 from vitscope.report.html import SECTIONS
 from vitscope.report.render import render_report, roles_from_meta, write_verdict
 
-__all__ = ["ClaimsRecord", "ClaimVerdict", "Roles", "Tolerance", "SECTIONS", "evaluate_claims", "format_claims_table",
-           "load_claims", "render_report", "roles_from_meta", "save_claims", "write_verdict"]
+__all__ = [
+    "ClaimsRecord",
+    "ClaimVerdict",
+    "Roles",
+    "Tolerance",
+    "SECTIONS",
+    "evaluate_claims",
+    "format_claims_table",
+    "load_claims",
+    "render_report",
+    "roles_from_meta",
+    "save_claims",
+    "write_verdict",
+]

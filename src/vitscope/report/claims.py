@@ -13,14 +13,15 @@ Conventions (stated in every verdict's evidence):
   rows are peaked: CL's late attention entropy must be clearly below log N (by more than ``rel``·log N)
   and distinguishable from the control's; otherwise "near-uniform attention, not collapse".
 """
+
 from __future__ import annotations
 
-import json
 import math
 import textwrap
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -49,9 +50,9 @@ class ClaimVerdict:
 
 @dataclass(frozen=True)
 class Tolerance:
-    stderr_factor: float = 2.0   # differences must exceed this many combined stderrs
-    rel: float = 0.05            # relative tolerance: "indistinguishable", "near log N"
-    probe_points: float = 2.0    # CL's probe must beat the untrained control by more than this (points)
+    stderr_factor: float = 2.0  # differences must exceed this many combined stderrs
+    rel: float = 0.05  # relative tolerance: "indistinguishable", "near log N"
+    probe_points: float = 2.0  # CL's probe must beat the untrained control by more than this (points)
 
 
 @dataclass(frozen=True)
@@ -146,24 +147,37 @@ def _missing(ctx: _Context, metric: str, models: dict[str, Estimate | None]) -> 
     return f"{metric} not measured for {', '.join(absent)}"
 
 
-def _compare(ctx: _Context, what: str, metric: str, which: Range, digits: int, unit: str,
-             higher: str, lower: str, numbers: dict, **where) -> Check:
+def _compare(
+    ctx: _Context,
+    what: str,
+    metric: str,
+    which: Range,
+    digits: int,
+    unit: str,
+    higher: str,
+    lower: str,
+    numbers: dict,
+    **where,
+) -> Check:
     """Check that role ``higher`` has a larger value of ``metric`` over ``which`` blocks than ``lower``."""
     est = {role: ctx.estimate(getattr(ctx.roles, role), metric, which, **where) for role in (higher, lower)}
     for role, e in est.items():
         numbers[f"{role}_{which}_{metric}"] = None if e is None else e.value
-    if any(e is None for e in est.values()):
-        return Check(None, _missing(ctx, metric, est))
     hi, lo = est[higher], est[lower]
+    if hi is None or lo is None:
+        return Check(None, _missing(ctx, metric, est))
     ok = greater(hi, lo, ctx.tol)
-    text = (f"{which} {what}: {ctx.label(higher)} {_fmt(hi.value, digits, unit)} vs "
-            f"{ctx.label(lower)} {_fmt(lo.value, digits, unit)} (expected {higher.upper()} > {lower.upper()})")
+    text = (
+        f"{which} {what}: {ctx.label(higher)} {_fmt(hi.value, digits, unit)} vs "
+        f"{ctx.label(lower)} {_fmt(lo.value, digits, unit)} (expected {higher.upper()} > {lower.upper()})"
+    )
     reason = "reversed" if hi.value < lo.value else "difference within the stderr / relative margin"
     return Check(ok, text, failure=f"{which} {what} of {higher.upper()} not above {lower.upper()} ({reason})")
 
 
-def _control_note(ctx: _Context, what: str, metric: str, which: Range, digits: int, unit: str,
-                  numbers: dict) -> list[str]:
+def _control_note(
+    ctx: _Context, what: str, metric: str, which: Range, digits: int, unit: str, numbers: dict
+) -> list[str]:
     """Say whether CL's value is indistinguishable from the untrained control's."""
     if ctx.roles.control is None:
         return []
@@ -174,12 +188,13 @@ def _control_note(ctx: _Context, what: str, metric: str, which: Range, digits: i
         return [f"control: {metric} not measured"]
     same = indistinguishable(cl, control, ctx.tol)
     verdict = "indistinguishable from" if same else "differs from"
-    return [f"CL's {which} {what} {_fmt(cl.value, digits, unit)} {verdict} the untrained control's "
-            f"{_fmt(control.value, digits, unit)}"]
+    return [
+        f"CL's {which} {what} {_fmt(cl.value, digits, unit)} {verdict} the untrained control's "
+        f"{_fmt(control.value, digits, unit)}"
+    ]
 
 
-def _verdict(claim_id: int, title: str, checks: list[Check], numbers: dict,
-             notes: Iterable[str] = ()) -> ClaimVerdict:
+def _verdict(claim_id: int, title: str, checks: list[Check], numbers: dict, notes: Iterable[str] = ()) -> ClaimVerdict:
     measured = [c for c in checks if c.passed is not None]
     if not measured:
         status, headline = NOT_MEASURED, ""
@@ -212,8 +227,13 @@ def claim_collapse(ctx: _Context) -> ClaimVerdict:
     checks = [_compare(ctx, "NMI", "nmi", "late", 3, "", "mim", "cl", numbers)]
     checks.append(_peaked_rows(ctx, numbers))
     notes = _control_note(ctx, "NMI", "nmi", "late", 3, "", numbers)
-    return _verdict(2, "Attention collapse: CL's late attention is the same for every query (low NMI, peaked rows)",
-                    checks, numbers, notes)
+    return _verdict(
+        2,
+        "Attention collapse: CL's late attention is the same for every query (low NMI, peaked rows)",
+        checks,
+        numbers,
+        notes,
+    )
 
 
 def _peaked_rows(ctx: _Context, numbers: dict) -> Check:
@@ -236,8 +256,10 @@ def _peaked_rows(ctx: _Context, numbers: dict) -> Check:
         if control is not None:
             like_control = indistinguishable(cl, control, ctx.tol)
             near_uniform = near_uniform or like_control
-            text += (f"; untrained control {_fmt(control.value, 2)} nats "
-                     f"({'indistinguishable' if like_control else 'distinguishable'})")
+            text += (
+                f"; untrained control {_fmt(control.value, 2)} nats "
+                f"({'indistinguishable' if like_control else 'distinguishable'})"
+            )
     if log_n is None and ctx.roles.control is None:
         return Check(None, text + "; N unknown and no control: cannot tell collapse from near-uniform attention")
     return Check(not near_uniform, text, failure="near-uniform attention, not collapse")
@@ -253,8 +275,13 @@ def claim_diversity(ctx: _Context) -> ClaimVerdict:
     notes = [f"(supplementary, not decisive: {head.text})"] if head.passed is not None else []
     notes += _control_note(ctx, "token cosine", "token_cosine", "late", 3, "", numbers)
     notes += _control_note(ctx, "effective rank", "effective_rank", "late", 1, "", numbers)
-    return _verdict(3, "Representation diversity: CL's late tokens become similar (high cosine, low rank); MIM's stay diverse",
-                    checks, numbers, notes)
+    return _verdict(
+        3,
+        "Representation diversity: CL's late tokens become similar (high cosine, low rank); MIM's stay diverse",
+        checks,
+        numbers,
+        notes,
+    )
 
 
 def claim_frequency(ctx: _Context) -> ClaimVerdict:
@@ -262,7 +289,9 @@ def claim_frequency(ctx: _Context) -> ClaimVerdict:
     checks = [_compare(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", "mim", "cl", numbers)]
     checks += _noise_checks(ctx, numbers)
     notes = _control_note(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", numbers)
-    return _verdict(4, "Frequency: CL is low-pass (shape), MIM keeps high frequencies (texture)", checks, numbers, notes)
+    return _verdict(
+        4, "Frequency: CL is low-pass (shape), MIM keeps high frequencies (texture)", checks, numbers, notes
+    )
 
 
 def band_shares(drops: np.ndarray) -> tuple[float, float] | None:
@@ -276,23 +305,30 @@ def band_shares(drops: np.ndarray) -> tuple[float, float] | None:
 
 
 def _noise_checks(ctx: _Context, numbers: dict) -> list[Check]:
-    shares = {}
+    shares: dict[str, tuple[float, float] | None] = {}
     for role in ("cl", "mim"):
         _, drops = ctx.view.noise_curve(getattr(ctx.roles, role))
-        shares[role] = band_shares(drops)
-        numbers[f"{role}_noise_low_share"] = None if shares[role] is None else shares[role][0]
-        numbers[f"{role}_noise_high_share"] = None if shares[role] is None else shares[role][1]
-    if any(s is None for s in shares.values()):
+        share = band_shares(drops)
+        shares[role] = share
+        numbers[f"{role}_noise_low_share"] = None if share is None else share[0]
+        numbers[f"{role}_noise_high_share"] = None if share is None else share[1]
+    cl_shares, mim_shares = shares["cl"], shares["mim"]
+    if cl_shares is None or mim_shares is None:
         missing = [ctx.label(r) for r, s in shares.items() if s is None]
         return [Check(None, f"noise robustness not measured (or no accuracy drop) for {', '.join(missing)}")]
-    (cl_low, cl_high), (mim_low, mim_high) = shares["cl"], shares["mim"]
+    (cl_low, cl_high), (mim_low, mim_high) = cl_shares, mim_shares
     return [
-        Check(cl_low > mim_low,
-              f"share of the noise-induced accuracy drop in the lowest bands: CL {cl_low:.0%} vs MIM {mim_low:.0%} "
-              "(expected CL > MIM)", failure="CL is not hurt more by low-frequency noise"),
-        Check(mim_high > cl_high,
-              f"share in the highest bands: MIM {mim_high:.0%} vs CL {cl_high:.0%} (expected MIM > CL)",
-              failure="MIM is not hurt more by high-frequency noise"),
+        Check(
+            cl_low > mim_low,
+            f"share of the noise-induced accuracy drop in the lowest bands: CL {cl_low:.0%} vs MIM {mim_low:.0%} "
+            "(expected CL > MIM)",
+            failure="CL is not hurt more by low-frequency noise",
+        ),
+        Check(
+            mim_high > cl_high,
+            f"share in the highest bands: MIM {mim_high:.0%} vs CL {cl_high:.0%} (expected MIM > CL)",
+            failure="MIM is not hurt more by high-frequency noise",
+        ),
     ]
 
 
@@ -317,15 +353,20 @@ def claim_separability(ctx: _Context) -> ClaimVerdict:
     if cl is None or mim is None:
         checks.append(Check(None, _missing(ctx, "linear_probe_top1", {"cl": cl, "mim": mim})))
     else:
-        checks.append(Check(greater(cl, mim, ctx.tol),
-                            f"last-layer linear probe: CL {ctx.roles.cl} {cl.value:.1f}% ({cl_feat}) vs "
-                            f"MIM {ctx.roles.mim} {mim.value:.1f}% ({mim_feat}) (expected CL > MIM)",
-                            failure="CL's last layer is not more linearly separable than MIM's"))
+        checks.append(
+            Check(
+                greater(cl, mim, ctx.tol),
+                f"last-layer linear probe: CL {ctx.roles.cl} {cl.value:.1f}% ({cl_feat}) vs "
+                f"MIM {ctx.roles.mim} {mim.value:.1f}% ({mim_feat}) (expected CL > MIM)",
+                failure="CL's last layer is not more linearly separable than MIM's",
+            )
+        )
     checks.append(_mim_best_layer(ctx, numbers))
     if ctx.roles.control is not None:
         checks.append(_probe_vs_control(ctx, cl, numbers))
-    return _verdict(5, "Linear separability: CL's last layers probe best; MIM's best probe layer is in the middle",
-                    checks, numbers)
+    return _verdict(
+        5, "Linear separability: CL's last layers probe best; MIM's best probe layer is in the middle", checks, numbers
+    )
 
 
 def _mim_best_layer(ctx: _Context, numbers: dict) -> Check:
@@ -341,9 +382,12 @@ def _mim_best_layer(ctx: _Context, numbers: dict) -> Check:
     numbers.update(mim_best_probe_layer=float(series.layers[best]), mim_best_probe=float(values[best]))
     best_est, last_est = Estimate(values[best], stderr[best]), Estimate(values[at_last], stderr[at_last])
     ok = series.layers[best] != last and greater(best_est, last_est, ctx.tol)
-    return Check(bool(ok), f"MIM {model}'s best probe layer: {series.layers[best]} of {last} "
-                           f"({values[best]:.1f}% vs {values[at_last]:.1f}% at the last layer)",
-                 failure="MIM's best probe layer is its last")
+    return Check(
+        bool(ok),
+        f"MIM {model}'s best probe layer: {series.layers[best]} of {last} "
+        f"({values[best]:.1f}% vs {values[at_last]:.1f}% at the last layer)",
+        failure="MIM's best probe layer is its last",
+    )
 
 
 def _probe_vs_control(ctx: _Context, cl: Estimate | None, numbers: dict) -> Check:
@@ -352,9 +396,12 @@ def _probe_vs_control(ctx: _Context, cl: Estimate | None, numbers: dict) -> Chec
     if cl is None or control is None:
         return Check(None, "linear probe not measured for CL or the control")
     above = cl.value - control.value > max(ctx.tol.probe_points, _margin(cl, control, ctx.tol))
-    return Check(above, f"CL last-layer probe {cl.value:.1f}% vs untrained control {control.value:.1f}% "
-                        f"(must be > {ctx.tol.probe_points:g} points above)",
-                 failure="indistinguishable from the untrained control")
+    return Check(
+        above,
+        f"CL last-layer probe {cl.value:.1f}% vs untrained control {control.value:.1f}% "
+        f"(must be > {ctx.tol.probe_points:g} points above)",
+        failure="indistinguishable from the untrained control",
+    )
 
 
 def change_centre(view: ResultView, model: str) -> float | None:
@@ -369,22 +416,34 @@ def change_centre(view: ResultView, model: str) -> float | None:
 
 
 def claim_layers(ctx: _Context) -> ClaimVerdict:
-    centres = {role: change_centre(ctx.view, getattr(ctx.roles, role)) for role in ("cl", "mim", "control")
-               if getattr(ctx.roles, role) is not None}
+    centres = {
+        role: change_centre(ctx.view, getattr(ctx.roles, role))
+        for role in ("cl", "mim", "control")
+        if getattr(ctx.roles, role) is not None
+    }
     numbers = {f"{role}_change_centre": value for role, value in centres.items()}
     proxy = "proxy: centre of representation change 1 − depth_cosine over relative depth"
-    if centres.get("cl") is None or centres.get("mim") is None:
+    cl, mim, control = centres.get("cl"), centres.get("mim"), centres.get("control")
+    if cl is None or mim is None:
         checks = [Check(None, f"depth_cosine not measured for CL or MIM ({proxy})")]
     else:
-        checks = [Check(centres["cl"] > centres["mim"],
-                        f"{proxy}: CL {centres['cl']:.2f} vs MIM {centres['mim']:.2f} (expected CL later)",
-                        failure="CL's representation does not change later in depth than MIM's")]
+        checks = [
+            Check(
+                cl > mim,
+                f"{proxy}: CL {cl:.2f} vs MIM {mim:.2f} (expected CL later)",
+                failure="CL's representation does not change later in depth than MIM's",
+            )
+        ]
     notes = []
-    if centres.get("control") is not None and centres.get("cl") is not None:
-        same = indistinguishable(Estimate(centres["cl"], math.nan), Estimate(centres["control"], math.nan), ctx.tol)
-        notes.append(f"CL's centre {centres['cl']:.2f} {'indistinguishable from' if same else 'differs from'} "
-                     f"the untrained control's {centres['control']:.2f}")
-    return _verdict(6, "Which layers matter: later layers for CL, early layers for MIM (a proxy)", checks, numbers, notes)
+    if control is not None and cl is not None:
+        same = indistinguishable(Estimate(cl, math.nan), Estimate(control, math.nan), ctx.tol)
+        notes.append(
+            f"CL's centre {cl:.2f} {'indistinguishable from' if same else 'differs from'} "
+            f"the untrained control's {control:.2f}"
+        )
+    return _verdict(
+        6, "Which layers matter: later layers for CL, early layers for MIM (a proxy)", checks, numbers, notes
+    )
 
 
 def claim_hybrid(ctx: _Context) -> ClaimVerdict:
@@ -395,13 +454,18 @@ def claim_hybrid(ctx: _Context) -> ClaimVerdict:
     probes = {role: _probe(ctx, role, "last")[0] for role in ("hybrid", "cl", "mim")}
     numbers.update({f"{role}_last_probe": _value(e) for role, e in probes.items()})
     checks: list[Check] = []
-    if any(e is None for e in probes.values()):
+    hybrid, cl, mim = probes["hybrid"], probes["cl"], probes["mim"]
+    if hybrid is None or cl is None or mim is None:
         checks.append(Check(None, _missing(ctx, "linear_probe_top1", probes)))
     else:
-        best = max(probes["cl"].value, probes["mim"].value)
-        checks.append(Check(probes["hybrid"].value >= best,
-                            f"last-layer probe: hybrid {probes['hybrid'].value:.1f}% vs best of CL/MIM {best:.1f}%",
-                            failure="the hybrid does not beat both in linear probing"))
+        best = max(cl.value, mim.value)
+        checks.append(
+            Check(
+                hybrid.value >= best,
+                f"last-layer probe: hybrid {hybrid.value:.1f}% vs best of CL/MIM {best:.1f}%",
+                failure="the hybrid does not beat both in linear probing",
+            )
+        )
     checks.append(_closer(ctx, "early", "mim", "cl", numbers))
     checks.append(_closer(ctx, "late", "cl", "mim", numbers))
     return _verdict(7, title, checks, numbers)
@@ -411,22 +475,38 @@ def _closer(ctx: _Context, which: Range, near: str, far: str, numbers: dict) -> 
     est = {role: ctx.estimate(getattr(ctx.roles, role), "attention_distance", which) for role in ("hybrid", near, far)}
     for role, e in est.items():
         numbers[f"{role}_{which}_attention_distance"] = None if e is None else e.value
-    if any(e is None for e in est.values()):
+    hybrid, near_est, far_est = est["hybrid"], est[near], est[far]
+    if hybrid is None or near_est is None or far_est is None:
         return Check(None, _missing(ctx, "attention_distance", est))
-    h = est["hybrid"].value
-    ok = abs(h - est[near].value) < abs(h - est[far].value)
-    return Check(ok, f"{which} attention distance: hybrid {h:.1f} px, {near.upper()} {est[near].value:.1f} px, "
-                     f"{far.upper()} {est[far].value:.1f} px (expected closer to {near.upper()})",
-                 failure=f"the hybrid's {which} layers are not closer to {near.upper()}")
+    h = hybrid.value
+    ok = abs(h - near_est.value) < abs(h - far_est.value)
+    return Check(
+        ok,
+        f"{which} attention distance: hybrid {h:.1f} px, {near.upper()} {near_est.value:.1f} px, "
+        f"{far.upper()} {far_est.value:.1f} px (expected closer to {near.upper()})",
+        failure=f"the hybrid's {which} layers are not closer to {near.upper()}",
+    )
 
 
 CLAIMS: tuple[Callable[[_Context], ClaimVerdict], ...] = (
-    claim_distance, claim_collapse, claim_diversity, claim_frequency, claim_separability, claim_layers, claim_hybrid,
+    claim_distance,
+    claim_collapse,
+    claim_diversity,
+    claim_frequency,
+    claim_separability,
+    claim_layers,
+    claim_hybrid,
 )
 
 
-def evaluate_claims(results: Results, cl: str, mim: str, control: str | None = None, hybrid: str | None = None,
-                    tolerance: Tolerance = Tolerance()) -> list[ClaimVerdict]:
+def evaluate_claims(
+    results: Results,
+    cl: str,
+    mim: str,
+    control: str | None = None,
+    hybrid: str | None = None,
+    tolerance: Tolerance = Tolerance(),
+) -> list[ClaimVerdict]:
     """Evaluate findings 1–7 for the models labelled ``cl`` and ``mim`` (optionally an untrained
     ``control`` of the same architecture and a ``hybrid``). Raises KeyError for an unknown label."""
     view = ResultView(results)
@@ -456,11 +536,14 @@ class ClaimsRecord:
     tolerance: Tolerance = Tolerance()
 
     def to_dict(self) -> dict:
-        return {"roles": asdict(self.roles), "tolerance": asdict(self.tolerance),
-                "verdicts": [v.to_dict() for v in self.verdicts]}
+        return {
+            "roles": asdict(self.roles),
+            "tolerance": asdict(self.tolerance),
+            "verdicts": [v.to_dict() for v in self.verdicts],
+        }
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "claims.json") -> "ClaimsRecord":
+    def from_dict(cls, data: dict, source: str = "claims.json") -> ClaimsRecord:
         """Read what :meth:`to_dict` wrote; a malformed record is a ValueError naming ``source``."""
         try:
             roles = Roles(**data["roles"])
@@ -474,8 +557,9 @@ class ClaimsRecord:
         return cls(roles, verdicts, tolerance)
 
 
-def save_claims(out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles,
-                tolerance: Tolerance = Tolerance()) -> Path:
+def save_claims(
+    out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles, tolerance: Tolerance = Tolerance()
+) -> Path:
     """Write the results directory's ``claims.json``: the roles, the tolerances and every verdict."""
     return RunDirectory(out_dir).save_claims(ClaimsRecord(roles, verdicts, tolerance).to_dict())
 

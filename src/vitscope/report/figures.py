@@ -5,19 +5,21 @@ colours, and returns :class:`NamedFigure` s (none when the analysis is absent fr
 Figures are built on ``matplotlib.figure.Figure`` directly (the Agg canvas; no pyplot global state)
 and saved as PNG and SVG by :func:`save_figure`.
 """
+
 from __future__ import annotations
 
 import io
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogLocator, NullLocator
@@ -32,8 +34,8 @@ PNG_DPI = 110
 
 @dataclass
 class NamedFigure:
-    key: str       # file stem under figures/
-    section: str   # the report section it belongs to
+    key: str  # file stem under figures/
+    section: str  # the report section it belongs to
     title: str
     figure: Figure
 
@@ -73,7 +75,7 @@ def _depth_axis(ax, title: str, ylabel: str) -> None:
 
 def _legend_outside(fig: Figure, *axes) -> None:
     """One legend right of the plots (every label once): it never hides data and needs no placement search."""
-    entries: dict[str, object] = {}
+    entries: dict[str, Artist] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
@@ -93,8 +95,18 @@ def _plot_series(ax, view: ResultView, model: str, metric: str, color, scale: fl
     return True
 
 
-def layer_curve(view: ResultView, colors: Mapping[str, tuple], metric: str, key: str, section: str, title: str,
-                ylabel: str, *, heads: bool = False, reference: Callable | None = None) -> list[NamedFigure]:
+def layer_curve(
+    view: ResultView,
+    colors: Mapping[str, tuple],
+    metric: str,
+    key: str,
+    section: str,
+    title: str,
+    ylabel: str,
+    *,
+    heads: bool = False,
+    reference: Callable | None = None,
+) -> list[NamedFigure]:
     """Per-layer mean of ``metric`` for every model (± stderr band), per-head values as dots behind."""
     models = [m for m in view.models() if view.series(m, metric).layers.size]
     if not models:
@@ -115,40 +127,111 @@ def layer_curve(view: ResultView, colors: Mapping[str, tuple], metric: str, key:
 
 def _log_n_lines(view: ResultView) -> Callable:
     def draw(ax, models: list[str]) -> None:
-        for n in sorted({view.num_spatial_tokens(m) for m in models} - {None}):
-            ax.axhline(math.log(n), linestyle="--", color="0.3", linewidth=1.2,
-                       label=f"log {n} = {math.log(n):.2f}\n(uniform)", zorder=2)
+        known = {n for n in map(view.num_spatial_tokens, models) if n is not None}
+        for n in sorted(known):
+            ax.axhline(
+                math.log(n),
+                linestyle="--",
+                color="0.3",
+                linewidth=1.2,
+                label=f"log {n} = {math.log(n):.2f}\n(uniform)",
+                zorder=2,
+            )
+
     return draw
 
 
 def fig_layer_curves(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
     figs: list[NamedFigure] = []
-    figs += layer_curve(view, colors, "attention_distance", "attention_distance", "attention-distance",
-                        "Attention distance (dots: heads, line: layer mean)", "mean attention distance (px)",
-                        heads=True)
-    figs += layer_curve(view, colors, "nmi", "nmi", "nmi", "Normalized mutual information of query and key",
-                        "NMI", heads=True)
-    figs += layer_curve(view, colors, "attention_entropy", "attention_entropy", "attention-entropy",
-                        "Attention entropy (dashed: log N, uniform attention)", "row entropy (nats)",
-                        heads=True, reference=_log_n_lines(view))
-    figs += layer_curve(view, colors, "token_cosine", "token_cosine", "token-cosine",
-                        "Cosine similarity between tokens of an image", "mean token cosine similarity")
-    figs += layer_curve(view, colors, "head_cosine", "head_cosine", "head-cosine",
-                        "Cosine similarity between heads", "mean head cosine similarity")
-    figs += layer_curve(view, colors, "depth_cosine", "depth_cosine", "depth-cosine",
-                        "Cosine similarity of a token between consecutive blocks", "cosine(block l−1, block l)")
-    figs += layer_curve(view, colors, "effective_rank", "effective_rank", "singular-values",
-                        "Effective rank of the token matrix", "effective rank exp(H(σ/Σσ))")
-    figs += layer_curve(view, colors, "fourier_high", "fourier_high", "fourier",
-                        "High-frequency Δ log amplitude", "Δ log amplitude at the highest frequency")
+    figs += layer_curve(
+        view,
+        colors,
+        "attention_distance",
+        "attention_distance",
+        "attention-distance",
+        "Attention distance (dots: heads, line: layer mean)",
+        "mean attention distance (px)",
+        heads=True,
+    )
+    figs += layer_curve(
+        view, colors, "nmi", "nmi", "nmi", "Normalized mutual information of query and key", "NMI", heads=True
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "attention_entropy",
+        "attention_entropy",
+        "attention-entropy",
+        "Attention entropy (dashed: log N, uniform attention)",
+        "row entropy (nats)",
+        heads=True,
+        reference=_log_n_lines(view),
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "token_cosine",
+        "token_cosine",
+        "token-cosine",
+        "Cosine similarity between tokens of an image",
+        "mean token cosine similarity",
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "head_cosine",
+        "head_cosine",
+        "head-cosine",
+        "Cosine similarity between heads",
+        "mean head cosine similarity",
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "depth_cosine",
+        "depth_cosine",
+        "depth-cosine",
+        "Cosine similarity of a token between consecutive blocks",
+        "cosine(block l−1, block l)",
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "effective_rank",
+        "effective_rank",
+        "singular-values",
+        "Effective rank of the token matrix",
+        "effective rank exp(H(σ/Σσ))",
+    )
+    figs += layer_curve(
+        view,
+        colors,
+        "fourier_high",
+        "fourier_high",
+        "fourier",
+        "High-frequency Δ log amplitude",
+        "Δ log amplitude at the highest frequency",
+    )
     return figs
 
 
-def fig_panels_by_feature(view: ResultView, colors: Mapping[str, tuple], metric: str, column: str,
-                          panels: list[tuple[str, str]], key: str, section: str, title: str, ylabel: str,
-                          scale: float = 1.0) -> list[NamedFigure]:
-    present = [(value, name) for value, name in panels
-               if any(view.series(m, metric, **{column: value}).layers.size for m in view.models())]
+def fig_panels_by_feature(
+    view: ResultView,
+    colors: Mapping[str, tuple],
+    metric: str,
+    column: str,
+    panels: list[tuple[str, str]],
+    key: str,
+    section: str,
+    title: str,
+    ylabel: str,
+    scale: float = 1.0,
+) -> list[NamedFigure]:
+    present = [
+        (value, name)
+        for value, name in panels
+        if any(view.series(m, metric, **{column: value}).layers.size for m in view.models())
+    ]
     if not present:
         return []
     fig, axes = _new(ncols=len(present), width=5.2)
@@ -162,9 +245,11 @@ def fig_panels_by_feature(view: ResultView, colors: Mapping[str, tuple], metric:
 
 
 def fig_residual(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
-    present = [(metric, name) for metric, name in (("residual_ratio_attn", "attention branch"),
-                                                   ("residual_ratio_mlp", "MLP branch"))
-               if any(view.series(m, metric).layers.size for m in view.models())]
+    present = [
+        (metric, name)
+        for metric, name in (("residual_ratio_attn", "attention branch"), ("residual_ratio_mlp", "MLP branch"))
+        if any(view.series(m, metric).layers.size for m in view.models())
+    ]
     if not present:
         return []
     fig, axes = _new(ncols=len(present), width=5.2)
@@ -179,22 +264,30 @@ def fig_residual(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) 
 
 def fig_probe(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
     scale = view.percent_scale("linear_probe_top1")
-    return fig_panels_by_feature(view, colors, "linear_probe_top1", "feature",
-                                 [("cls", "CLS token"), ("gap", "mean of spatial tokens (GAP)")],
-                                 "linear_probe", "linear-probe", "Linear probe top-1 accuracy per layer",
-                                 "top-1 accuracy (%)", scale=scale)
+    return fig_panels_by_feature(
+        view,
+        colors,
+        "linear_probe_top1",
+        "feature",
+        [("cls", "CLS token"), ("gap", "mean of spatial tokens (GAP)")],
+        "linear_probe",
+        "linear-probe",
+        "Linear probe top-1 accuracy per layer",
+        "top-1 accuracy (%)",
+        scale=scale,
+    )
 
 
 def _per_model_panels(models: list[str], width: float = 4.6, height: float = 3.8) -> tuple[Figure, np.ndarray]:
     ncols = min(len(models), 3)
     nrows = math.ceil(len(models) / ncols)
     fig, axes = _new(ncols=ncols, nrows=nrows, width=width, height=height)
-    for ax in axes[len(models):]:
+    for ax in axes[len(models) :]:
         ax.set_visible(False)
     return fig, axes
 
 
-def _depth_colorbar(fig: Figure, axes, depth: int) -> tuple[Normalize, object]:
+def _depth_colorbar(fig: Figure, axes, depth: int) -> tuple[Normalize, Colormap]:
     norm, cmap = Normalize(0, max(depth, 1)), colormaps["viridis"]
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="depth (block)", shrink=0.9)
     return norm, cmap
@@ -206,7 +299,7 @@ def fig_fourier_delta(view: ResultView, arrays: Arrays, colors: Mapping[str, tup
     if not curves:
         return []
     fig, axes = _per_model_panels(list(curves))
-    norm, cmap = _depth_colorbar(fig, axes[:len(curves)], max(max(c) for c in curves.values()))
+    norm, cmap = _depth_colorbar(fig, axes[: len(curves)], max(max(c) for c in curves.values()))
     for ax, (model, by_layer) in zip(axes, curves.items()):
         for layer, curve in by_layer.items():
             freq = np.linspace(0.0, 1.0, len(curve))
@@ -232,7 +325,7 @@ def fig_singular_values(view: ResultView, arrays: Arrays, colors: Mapping[str, t
     if not spectra:
         return []
     fig, axes = _per_model_panels(list(spectra))
-    norm, cmap = _depth_colorbar(fig, axes[:len(spectra)], max(max(s) for s in spectra.values()))
+    norm, cmap = _depth_colorbar(fig, axes[: len(spectra)], max(max(s) for s in spectra.values()))
     for ax, (model, by_layer) in zip(axes, spectra.items()):
         for layer in _few_layers(list(by_layer)):
             sv = by_layer[layer]
@@ -260,8 +353,9 @@ def fig_attention_maps(view: ResultView, arrays: Arrays, colors: Mapping[str, tu
     return figs
 
 
-def _attention_map_grid(model: str, maps: np.ndarray, queries: np.ndarray, image: np.ndarray | None,
-                        color) -> NamedFigure:
+def _attention_map_grid(
+    model: str, maps: np.ndarray, queries: np.ndarray, image: np.ndarray | None, color
+) -> NamedFigure:
     """maps [L, Q, h, w] as one mosaic: columns = blocks (at most 12, evenly spaced), rows = query tokens.
 
     Each cell blends the example image with its attention map (scaled to the map's maximum, inferno
@@ -280,17 +374,25 @@ def _attention_map_grid(model: str, maps: np.ndarray, queries: np.ndarray, image
             attn = maps[layer, q]
             heat = cmap(attn / attn.max() if attn.max() > 0 else attn)[..., :3][row_index][:, col_index]
             top, left = q * (cell_h + pad), b * (cell_w + pad)
-            mosaic[top:top + cell_h, left:left + cell_w] = heat if base is None else 0.3 * base + 0.7 * heat
+            mosaic[top : top + cell_h, left : left + cell_w] = heat if base is None else 0.3 * base + 0.7 * heat
     fig, (ax,) = _new(width=1.4 + 1.05 * len(blocks), height=0.7 + 1.05 * num_queries)
     ax.imshow(mosaic, interpolation="nearest")
     for q, (row, col) in enumerate(queries):
         for b in range(len(blocks)):
             top, left = q * (cell_h + pad), b * (cell_w + pad)
-            ax.add_patch(_query_box(left + col * cell_w / w - 0.5, top + row * cell_h / h - 0.5, cell_w / w, cell_h / h))
-    ax.set_xticks([b * (cell_w + pad) + cell_w / 2 for b in range(len(blocks))],
-                  [f"block {layer + 1}" for layer in blocks], fontsize="small")
-    ax.set_yticks([q * (cell_h + pad) + cell_h / 2 for q in range(num_queries)],
-                  [f"query\n({row}, {col})" for row, col in queries], fontsize="small")
+            ax.add_patch(
+                _query_box(left + col * cell_w / w - 0.5, top + row * cell_h / h - 0.5, cell_w / w, cell_h / h)
+            )
+    ax.set_xticks(
+        [b * (cell_w + pad) + cell_w / 2 for b in range(len(blocks))],
+        [f"block {layer + 1}" for layer in blocks],
+        fontsize="small",
+    )
+    ax.set_yticks(
+        [q * (cell_h + pad) + cell_h / 2 for q in range(num_queries)],
+        [f"query\n({row}, {col})" for row, col in queries],
+        fontsize="small",
+    )
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
     for spine in ax.spines.values():
@@ -309,8 +411,15 @@ def fig_cka(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> li
     for model, other in view.cka_pairs():
         rows, cols, matrix = view.cka_matrix(model, other)
         fig, (ax,) = _new(width=5.0, height=4.4)
-        image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0.0, vmax=1.0, aspect="auto",
-                          extent=(cols[0] - 0.5, cols[-1] + 0.5, rows[0] - 0.5, rows[-1] + 0.5))
+        image = ax.imshow(
+            matrix,
+            origin="lower",
+            cmap="magma",
+            vmin=0.0,
+            vmax=1.0,
+            aspect="auto",
+            extent=(cols[0] - 0.5, cols[-1] + 0.5, rows[0] - 0.5, rows[-1] + 0.5),
+        )
         fig.colorbar(image, ax=ax, label="linear CKA")
         title = f"CKA: {model} × {other}" if model != other else f"CKA within {model}"
         ax.set_title(title)
@@ -333,8 +442,15 @@ def fig_tsne(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> l
         for image_index, image_id in enumerate(np.unique(image_ids)):
             pick = image_ids == image_id
             label = labels[pick][0]
-            ax.scatter(points[pick, 0], points[pick, 1], s=18, alpha=0.75, linewidths=0,
-                       marker=MARKERS[image_index % len(MARKERS)], color=class_colors(int(label) % 10))
+            ax.scatter(
+                points[pick, 0],
+                points[pick, 1],
+                s=18,
+                alpha=0.75,
+                linewidths=0,
+                marker=MARKERS[image_index % len(MARKERS)],
+                color=class_colors(int(label) % 10),
+            )
         for label in np.unique(labels):
             ax.scatter([], [], color=class_colors(int(label) % 10), label=f"class {label}", s=14)
         ax.set_title(model, color=colors[model])
@@ -374,7 +490,7 @@ def fig_localisation(view: ResultView, arrays: Arrays, colors: Mapping[str, tupl
     figs = []
     for model in models:
         maps = np.asarray(arrays[f"{model}/localisation"], float)  # [N, h, w]
-        n, h, w = maps.shape
+        _n, h, w = maps.shape
         spots = [(h // 2, w // 2), (0, 0), (h - 1, w - 1), (0, w - 1), (h // 4, 3 * w // 4)]
         fig, axes = _new(ncols=len(spots), width=2.2, height=2.6)
         for ax, (r, c) in zip(np.ravel(axes), spots):
@@ -390,8 +506,16 @@ def fig_localisation(view: ResultView, arrays: Arrays, colors: Mapping[str, tupl
 
 
 FIGURE_BUILDERS: tuple[Callable[[ResultView, Arrays, Mapping[str, tuple]], list[NamedFigure]], ...] = (
-    fig_layer_curves, fig_attention_maps, fig_singular_values, fig_fourier_delta, fig_noise, fig_probe,
-    fig_tsne, fig_cka, fig_residual, fig_localisation,
+    fig_layer_curves,
+    fig_attention_maps,
+    fig_singular_values,
+    fig_fourier_delta,
+    fig_noise,
+    fig_probe,
+    fig_tsne,
+    fig_cka,
+    fig_residual,
+    fig_localisation,
 )
 
 

@@ -3,12 +3,14 @@
 One ``<section id=...>`` per analysis (ids are stable: see :data:`SECTIONS`), each with a short
 "how to read it" note, plus the run summary and the claims table.
 """
+
 from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from vitscope.report.claims import ClaimsRecord
 from vitscope.report.figures import SavedFigure, model_colors
@@ -23,64 +25,109 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
-    Section("attention-distance", "Attention distance",
-            "Mean distance in pixels between a query patch and the keys it attends to, weighted by attention. "
-            "Dots are single heads, the line is the layer mean (band: ± stderr). Park et al. find CL attends "
-            "globally (large distances) and MIM locally, most clearly in later layers; lower layers mix local "
-            "and global heads (Raghu et al.). An untrained ViT has near-uniform attention, hence a large distance "
-            "too: compare with an untrained control."),
-    Section("attention-maps", "Attention maps",
-            "Attention of a few query tokens (outlined) of the first image, per block; brighter = more attention. "
-            "In CL's later blocks every query attends to the same region (attention collapse); MIM's maps stay "
-            "around the query."),
-    Section("nmi", "Normalized mutual information",
-            "NMI between query and key positions: 0 when every query has the same attention distribution, "
-            "1 when each query attends to its own keys. CL's later layers have low NMI (collapse), MIM's stay high. "
-            "Low NMI means collapse only when rows are peaked: read it together with attention entropy."),
-    Section("attention-entropy", "Attention entropy",
-            "Entropy of each attention row (nats), averaged over queries; the dashed line is log N, the entropy of "
-            "uniform attention. Low NMI with entropy well below log N is collapse onto the same few tokens; low NMI "
-            "with entropy near log N is near-uniform attention, which an untrained model shows too."),
-    Section("token-cosine", "Token similarity",
-            "Mean cosine similarity between different spatial tokens of one image (layer 0 = patch embedding). "
-            "CL's tokens become alike in later layers; MIM keeps them diverse."),
-    Section("head-cosine", "Head similarity",
-            "Mean cosine similarity between the outputs of different heads for the same token. CL's heads become "
-            "redundant in later layers; MIM's stay distinct."),
-    Section("depth-cosine", "Similarity across depth",
-            "Cosine similarity of a token between consecutive blocks; 1 − value is how much a block changes the "
-            "representation. The claims use where that change is concentrated as a proxy for which layers matter "
-            "(later layers for CL, early layers for MIM)."),
-    Section("singular-values", "Singular values and effective rank",
-            "Singular values of the stacked spatial tokens of a few images (log scale), and their effective rank. "
-            "A few dominant singular values (low effective rank) mean the tokens span few directions, as in CL's "
-            "later layers; MIM keeps a flatter spectrum."),
-    Section("fourier", "Frequency content",
-            "Log amplitude of the 2-D Fourier transform of the feature maps relative to the zero frequency, from the "
-            "lowest to the highest frequency (one line per block, colour = depth); the first figure follows its value "
-            "at the highest frequency. Lower = more low-pass. CL's features are low-pass (shape), MIM's keep high "
-            "frequencies (texture)."),
-    Section("noise-robustness", "Robustness to frequency-band noise",
-            "Accuracy drop when Gaussian noise restricted to one radial frequency band is added to the images, bands "
-            "from lowest to highest frequency. CL is hurt more by low-frequency noise, MIM by high-frequency noise."),
-    Section("linear-probe", "Linear probing per layer",
-            "Top-1 accuracy of a linear classifier on each layer's features (CLS token, or the mean of the spatial "
-            "tokens). CL's accuracy rises to the last layer; MIM's peaks in the middle and falls towards the end."),
-    Section("tsne", "Token t-SNE",
-            "2-D t-SNE of the spatial tokens of a few images: colour = class, marker = image. CL's tokens group by "
-            "image and class (linearly separable); MIM's tokens of different images intermingle."),
-    Section("cka", "CKA similarity",
-            "Linear CKA between the layers of one model or of two models (1 = the same representation up to rotation "
-            "and scale). Raghu et al.: a ViT's layers are more uniformly similar across depth than a ResNet's, whose "
-            "lower and upper layers form separate blocks."),
-    Section("residual-ratio", "Residual connections",
-            "Norm of the residual stream relative to the attention and MLP branch outputs, per block. Large ratios "
-            "mean the skip connections carry most of the signal (Raghu et al.)."),
-    Section("localisation", "Spatial localisation",
-            "For a few token positions of the last block (red box), linear CKA over images with the input patch "
-            "embedding at every position. A model that keeps spatial information to the top shows a peak at the "
-            "token's own position (Raghu et al.: ViTs do, more so when trained with a CLS token than with global "
-            "pooling)."),
+    Section(
+        "attention-distance",
+        "Attention distance",
+        "Mean distance in pixels between a query patch and the keys it attends to, weighted by attention. "
+        "Dots are single heads, the line is the layer mean (band: ± stderr). Park et al. find CL attends "
+        "globally (large distances) and MIM locally, most clearly in later layers; lower layers mix local "
+        "and global heads (Raghu et al.). An untrained ViT has near-uniform attention, hence a large distance "
+        "too: compare with an untrained control.",
+    ),
+    Section(
+        "attention-maps",
+        "Attention maps",
+        "Attention of a few query tokens (outlined) of the first image, per block; brighter = more attention. "
+        "In CL's later blocks every query attends to the same region (attention collapse); MIM's maps stay "
+        "around the query.",
+    ),
+    Section(
+        "nmi",
+        "Normalized mutual information",
+        "NMI between query and key positions: 0 when every query has the same attention distribution, "
+        "1 when each query attends to its own keys. CL's later layers have low NMI (collapse), MIM's stay high. "
+        "Low NMI means collapse only when rows are peaked: read it together with attention entropy.",
+    ),
+    Section(
+        "attention-entropy",
+        "Attention entropy",
+        "Entropy of each attention row (nats), averaged over queries; the dashed line is log N, the entropy of "
+        "uniform attention. Low NMI with entropy well below log N is collapse onto the same few tokens; low NMI "
+        "with entropy near log N is near-uniform attention, which an untrained model shows too.",
+    ),
+    Section(
+        "token-cosine",
+        "Token similarity",
+        "Mean cosine similarity between different spatial tokens of one image (layer 0 = patch embedding). "
+        "CL's tokens become alike in later layers; MIM keeps them diverse.",
+    ),
+    Section(
+        "head-cosine",
+        "Head similarity",
+        "Mean cosine similarity between the outputs of different heads for the same token. CL's heads become "
+        "redundant in later layers; MIM's stay distinct.",
+    ),
+    Section(
+        "depth-cosine",
+        "Similarity across depth",
+        "Cosine similarity of a token between consecutive blocks; 1 − value is how much a block changes the "
+        "representation. The claims use where that change is concentrated as a proxy for which layers matter "
+        "(later layers for CL, early layers for MIM).",
+    ),
+    Section(
+        "singular-values",
+        "Singular values and effective rank",
+        "Singular values of the stacked spatial tokens of a few images (log scale), and their effective rank. "
+        "A few dominant singular values (low effective rank) mean the tokens span few directions, as in CL's "
+        "later layers; MIM keeps a flatter spectrum.",
+    ),
+    Section(
+        "fourier",
+        "Frequency content",
+        "Log amplitude of the 2-D Fourier transform of the feature maps relative to the zero frequency, from the "
+        "lowest to the highest frequency (one line per block, colour = depth); the first figure follows its value "
+        "at the highest frequency. Lower = more low-pass. CL's features are low-pass (shape), MIM's keep high "
+        "frequencies (texture).",
+    ),
+    Section(
+        "noise-robustness",
+        "Robustness to frequency-band noise",
+        "Accuracy drop when Gaussian noise restricted to one radial frequency band is added to the images, bands "
+        "from lowest to highest frequency. CL is hurt more by low-frequency noise, MIM by high-frequency noise.",
+    ),
+    Section(
+        "linear-probe",
+        "Linear probing per layer",
+        "Top-1 accuracy of a linear classifier on each layer's features (CLS token, or the mean of the spatial "
+        "tokens). CL's accuracy rises to the last layer; MIM's peaks in the middle and falls towards the end.",
+    ),
+    Section(
+        "tsne",
+        "Token t-SNE",
+        "2-D t-SNE of the spatial tokens of a few images: colour = class, marker = image. CL's tokens group by "
+        "image and class (linearly separable); MIM's tokens of different images intermingle.",
+    ),
+    Section(
+        "cka",
+        "CKA similarity",
+        "Linear CKA between the layers of one model or of two models (1 = the same representation up to rotation "
+        "and scale). Raghu et al.: a ViT's layers are more uniformly similar across depth than a ResNet's, whose "
+        "lower and upper layers form separate blocks.",
+    ),
+    Section(
+        "residual-ratio",
+        "Residual connections",
+        "Norm of the residual stream relative to the attention and MLP branch outputs, per block. Large ratios "
+        "mean the skip connections carry most of the signal (Raghu et al.).",
+    ),
+    Section(
+        "localisation",
+        "Spatial localisation",
+        "For a few token positions of the last block (red box), linear CKA over images with the input patch "
+        "embedding at every position. A model that keeps spatial information to the top shows a peak at the "
+        "token's own position (Raghu et al.: ViTs do, more so when trained with a CLS token than with global "
+        "pooling).",
+    ),
 )
 
 CSS = """
@@ -122,16 +169,28 @@ def summary_section(view: ResultView) -> str:
     for model in view.models():
         info = view.model_meta(model)
         swatch = f'<span class="swatch" style="background:{_hex(colors[model])}"></span>'
-        model_rows.append([swatch + _e(model), _e(info.get("spec", "")), _e(info.get("kind", "")),
-                           _e(info.get("num_layers", "")), _e(info.get("num_heads") or "–"),
-                           _e(info.get("num_prefix_tokens", "")), _e("×".join(map(str, info.get("grid", [])))),
-                           _e("×".join(map(str, info.get("patch_size", [])))), _e(info.get("num_tokens", ""))])
+        model_rows.append(
+            [
+                swatch + _e(model),
+                _e(info.get("spec", "")),
+                _e(info.get("kind", "")),
+                _e(info.get("num_layers", "")),
+                _e(info.get("num_heads") or "–"),
+                _e(info.get("num_prefix_tokens", "")),
+                _e("×".join(map(str, info.get("grid", [])))),
+                _e("×".join(map(str, info.get("patch_size", [])))),
+                _e(info.get("num_tokens", "")),
+            ]
+        )
     models = _table(["model", "spec", "kind", "blocks", "heads", "prefix tokens", "grid", "patch", "N"], model_rows)
     wall = meta.get("wall_time_s")
-    facts = [["data", _e(meta.get("data", "unknown"))], ["images", _e(meta.get("num_images", "unknown"))],
-             ["seed", _e(meta.get("seed", "unknown"))],
-             ["wall time", _e(f"{wall:.1f} s" if isinstance(wall, (int, float)) else "unknown")],
-             ["versions", _e(", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or "unknown")]]
+    facts = [
+        ["data", _e(meta.get("data", "unknown"))],
+        ["images", _e(meta.get("num_images", "unknown"))],
+        ["seed", _e(meta.get("seed", "unknown"))],
+        ["wall time", _e(f"{wall:.1f} s" if isinstance(wall, (int, float)) else "unknown")],
+        ["versions", _e(", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or "unknown")],
+    ]
     parts = [models, _table(["run", ""], facts), _skipped(meta.get("skipped") or [])]
     notes = meta.get("notes") or []
     if notes:
@@ -142,25 +201,37 @@ def summary_section(view: ResultView) -> str:
 def _skipped(skipped: list) -> str:
     if not skipped:
         return "<p>No input files were skipped.</p>"
-    items = "".join(f"<li><code>{_e(entry[0])}</code>: {_e(entry[1] if len(entry) > 1 else '')}</li>"
-                    for entry in skipped[:200])
+    items = "".join(
+        f"<li><code>{_e(entry[0])}</code>: {_e(entry[1] if len(entry) > 1 else '')}</li>" for entry in skipped[:200]
+    )
     more = f"<li>… and {len(skipped) - 200} more</li>" if len(skipped) > 200 else ""
     return f"<details><summary>{len(skipped)} input file(s) skipped</summary><ul>{items}{more}</ul></details>"
 
 
 def claims_section(claims: ClaimsRecord | None) -> str:
     if claims is None:
-        body = ('<p class="missing">Claims not evaluated. Run <code>vitscope claims DIR --cl LABEL --mim LABEL '
-                '[--control LABEL] [--hybrid LABEL]</code>, then <code>vitscope report DIR</code>.</p>')
+        body = (
+            '<p class="missing">Claims not evaluated. Run <code>vitscope claims DIR --cl LABEL --mim LABEL '
+            "[--control LABEL] [--hybrid LABEL]</code>, then <code>vitscope report DIR</code>.</p>"
+        )
         return _section("claims", "The papers' claims", body)
     tol = claims.tolerance
     role_text = ", ".join(f"{name.upper()} = <b>{_e(label)}</b>" for name, label in vars(claims.roles).items() if label)
-    rows = [[_e(v.claim_id), f'<span class="status {v.status.replace(" ", "-")}">{_e(v.status)}</span>',
-             _e(v.title), _e(v.evidence)] for v in claims.verdicts]
-    body = (f"<p>Roles: {role_text}. Early = the first third of blocks, late = the last third. A difference counts "
-            f"when it exceeds {tol.stderr_factor:g} combined standard errors; two numbers are indistinguishable "
-            f"within that margin or {tol.rel:.0%} of their size; CL's probe must beat an untrained control by more "
-            f"than {tol.probe_points:g} points.</p>" + _table(["#", "verdict", "claim", "evidence"], rows))
+    rows = [
+        [
+            _e(v.claim_id),
+            f'<span class="status {v.status.replace(" ", "-")}">{_e(v.status)}</span>',
+            _e(v.title),
+            _e(v.evidence),
+        ]
+        for v in claims.verdicts
+    ]
+    body = (
+        f"<p>Roles: {role_text}. Early = the first third of blocks, late = the last third. A difference counts "
+        f"when it exceeds {tol.stderr_factor:g} combined standard errors; two numbers are indistinguishable "
+        f"within that margin or {tol.rel:.0%} of their size; CL's probe must beat an untrained control by more "
+        f"than {tol.probe_points:g} points.</p>" + _table(["#", "verdict", "claim", "evidence"], rows)
+    )
     return _section("claims", "The papers' claims", body)
 
 
@@ -169,8 +240,10 @@ def figure_html(figure: SavedFigure, png: bytes) -> str:
     links = f'<a href="figures/{_e(figure.png.name)}">PNG</a>'
     if figure.svg is not None:
         links = f'<a href="figures/{_e(figure.svg.name)}">SVG</a> · ' + links
-    return (f'<figure id="fig-{_e(figure.key)}"><img src="data:image/png;base64,{data}" alt="{_e(figure.title)}">'
-            f"<figcaption>{_e(figure.title)} ({links})</figcaption></figure>")
+    return (
+        f'<figure id="fig-{_e(figure.key)}"><img src="data:image/png;base64,{data}" alt="{_e(figure.title)}">'
+        f"<figcaption>{_e(figure.title)} ({links})</figcaption></figure>"
+    )
 
 
 def _section(section_id: str, title: str, body: str, how: str = "") -> str:
@@ -187,15 +260,16 @@ def analysis_sections(figures: Sequence[tuple[SavedFigure, bytes]]) -> list[str]
     return out
 
 
-def render_html(view: ResultView, figures: Sequence[tuple[SavedFigure, bytes]],
-                claims: ClaimsRecord | None) -> str:
+def render_html(view: ResultView, figures: Sequence[tuple[SavedFigure, bytes]], claims: ClaimsRecord | None) -> str:
     """The whole page as one string."""
     toc = [("summary", "Summary"), ("claims", "Claims")] + [(s.id, s.title) for s in SECTIONS]
     nav = "".join(f'<a href="#{_e(i)}">{_e(t)}</a>' for i, t in toc)
     models = ", ".join(view.models()) or "no models"
     body = [summary_section(view), claims_section(claims)] + analysis_sections(figures)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>vitscope report: {_e(models)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>What do these Vision Transformers learn?</h1><p>vitscope report: {_e(models)}</p></header>"
-            f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>vitscope report: {_e(models)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>What do these Vision Transformers learn?</h1><p>vitscope report: {_e(models)}</p></header>"
+        f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n"
+    )

@@ -3,6 +3,7 @@
 Works from the directory alone (``vitscope analyze --out DIR`` writes it): rows and metadata, the
 optional arrays and the optional verdict, all read through :class:`~vitscope.results.RunDirectory`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,9 @@ def write_verdict(out_dir: str | Path, roles: Roles) -> ClaimsRecord:
     return ClaimsRecord(roles, verdicts)
 
 
-def _claims_for(out_dir: Path, results: Results, verdicts: list[ClaimVerdict] | None,
-                roles: Roles | None) -> ClaimsRecord | None:
+def _claims_for(
+    out_dir: Path, results: Results, verdicts: list[ClaimVerdict] | None, roles: Roles | None
+) -> ClaimsRecord | None:
     """Verdicts given, else ``claims.json``, else evaluated from ``meta['roles']`` when the run names them."""
     if verdicts is not None:
         if roles is None:
@@ -50,8 +52,9 @@ def _claims_for(out_dir: Path, results: Results, verdicts: list[ClaimVerdict] | 
     return None
 
 
-def render_report(out_dir: str | Path, verdicts: list[ClaimVerdict] | None = None,
-                  roles: Roles | None = None, svg: bool = True) -> Path:
+def render_report(
+    out_dir: str | Path, verdicts: list[ClaimVerdict] | None = None, roles: Roles | None = None, svg: bool = True
+) -> Path:
     """Draw every figure into ``DIR/figures/`` (PNG, and SVG unless ``svg`` is False) and write
     ``DIR/report.html`` with the PNGs embedded; return its path.
 

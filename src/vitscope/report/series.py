@@ -3,12 +3,14 @@
 Everything the figures and the claims need from ``metrics.json`` goes through :class:`ResultView`,
 which indexes the rows once by (model, metric).
 """
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,7 @@ class Series:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def at(self, layers: Iterable[int]) -> "Series":
+    def at(self, layers: Iterable[int]) -> Series:
         keep = np.isin(self.layers, list(layers))
         return Series(self.layers[keep], self.values[keep], self.stderr[keep])
 
@@ -56,8 +58,9 @@ class ResultView:
         declared = self.model_meta(model).get("num_layers")
         if declared:
             return int(declared)
-        layers = [r["layer"] for (m, _), rows in self._rows.items() if m == model for r in rows
-                  if r.get("layer") is not None]
+        layers = [
+            r["layer"] for (m, _), rows in self._rows.items() if m == model for r in rows if r.get("layer") is not None
+        ]
         return max(layers) if layers else None
 
     def num_spatial_tokens(self, model: str) -> int | None:
@@ -83,8 +86,7 @@ class ResultView:
     def head_points(self, model: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-head values as (layers, values) arrays, for scatter plots."""
         rows = [r for r in self.rows(model, metric) if r.get("head") is not None and r.get("layer") is not None]
-        return (np.array([r["layer"] for r in rows], dtype=float),
-                np.array([r["value"] for r in rows], dtype=float))
+        return (np.array([r["layer"] for r in rows], dtype=float), np.array([r["value"] for r in rows], dtype=float))
 
     def indexed(self, model: str, metric: str, column: str, **where: Any) -> dict[int, np.ndarray]:
         """layer -> values ordered by ``column`` (``freq`` or ``index``) for curve-per-layer metrics."""
@@ -116,8 +118,11 @@ class ResultView:
 
     def cka_matrix(self, model: str, other: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(layers of ``model``, layers of ``other``, matrix[i, j]) with NaN where a pair is missing."""
-        rows = [r for r in self.rows(model, "cka", other_model=other)
-                if r.get("layer") is not None and r.get("other_layer") is not None]
+        rows = [
+            r
+            for r in self.rows(model, "cka", other_model=other)
+            if r.get("layer") is not None and r.get("other_layer") is not None
+        ]
         rows_layers = np.array(sorted({int(r["layer"]) for r in rows}), dtype=int)
         cols_layers = np.array(sorted({int(r["other_layer"]) for r in rows}), dtype=int)
         matrix = np.full((len(rows_layers), len(cols_layers)), np.nan)

@@ -1,4 +1,5 @@
 """Spec strings, safe reading, strictness, timm's cache without network, plain files and bundled models."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from vitscope.models import (
     parse_spec,
     read_checkpoint,
 )
-
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=0)
 
@@ -89,8 +89,11 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path: Path) -> No
     path = tmp_path / "mae_pretrain_vit_base.pth"
     torch.save({"model": tiny_vit().state_dict(), "payload": CodeOnLoad(marker)}, path)
     for spec in (f"mae:{path}", f"file:{path}?arch=vit_tiny_patch16_224"):
-        with pytest.raises(UnsafeCheckpointError, match=r"mae_pretrain_vit_base\.pth.*posix\.mkdir|"
-                                                        r"mae_pretrain_vit_base\.pth.*os\.mkdir"):
+        with pytest.raises(
+            UnsafeCheckpointError,
+            match=r"mae_pretrain_vit_base\.pth.*posix\.mkdir|"
+            r"mae_pretrain_vit_base\.pth.*os\.mkdir",
+        ):
             load_model(spec)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is real: free unpickling runs it
@@ -185,8 +188,11 @@ def test_file_layouts_round_trip(tmp_path: Path, layout: str) -> None:
         save_file(state, str(path))
     else:
         path = tmp_path / "w.pth"
-        wrapped = {"bare": state, "model": {"model": state, "epoch": 3},
-                   "state_dict_module": {"state_dict": {f"module.{k}": v for k, v in state.items()}}}[layout]
+        wrapped = {
+            "bare": state,
+            "model": {"model": state, "epoch": 3},
+            "state_dict_module": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+        }[layout]
         torch.save(wrapped, path)
     # img_size (32) and num_classes (0, no head) are read off the weights; the rest is the user's arch
     loaded = load_model(f"file:{path}?arch=vit_tiny_patch16_224&patch_size=8&embed_dim=64&depth=2&num_heads=4")
@@ -207,6 +213,7 @@ def test_file_needs_arch(tmp_path: Path) -> None:
 @pytest.fixture
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Empty caches and no network: any connection attempt fails the test instead of hanging."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
 
@@ -261,9 +268,12 @@ def test_bundled_absent_lists_available(tmp_path: Path, monkeypatch: pytest.Monk
 
     model = tiny_vit()
     save_file(model.state_dict(), str(tmp_path / "cl-tiny.safetensors"))
-    card = {"arch": "vit_tiny_patch16_224", "arch_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64,
-                                                             "depth": 2, "num_heads": 4, "num_classes": 0},
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    card = {
+        "arch": "vit_tiny_patch16_224",
+        "arch_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 0},
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
     (tmp_path / "cl-tiny.json").write_text(json.dumps(card))
     monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"bundled:mim-tiny.*available: cl-tiny"):
@@ -297,8 +307,11 @@ def test_file_spec_reads_pretrain_encoder_json(tmp_path):
     torch.manual_seed(3)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
     save_file(model.state_dict(), str(tmp_path / "encoder.safetensors"))
-    (tmp_path / "encoder.json").write_text(json.dumps({"arch": "vit_tiny_patch16_224", "arch_kwargs": kwargs,
-                                                       "mean": [0.2, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}))
+    (tmp_path / "encoder.json").write_text(
+        json.dumps(
+            {"arch": "vit_tiny_patch16_224", "arch_kwargs": kwargs, "mean": [0.2, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}
+        )
+    )
     loaded = load_model(f"file:{tmp_path / 'encoder.safetensors'}")
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():

@@ -1,14 +1,15 @@
 """Token t-SNE, SVD projection across a block, spatial localisation — on captures whose tokens are known."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_vit
+from tests.support.models import tiny_vit
+from vitscope.analyses import SpatialLocalisation, pick_examples, spatial_localisation, svd_projection, token_tsne
 from vitscope.capture import Capture, LayerOutput, ModelFacts, ViTCapture
 from vitscope.data import Batch
-from vitscope.analyses import SpatialLocalisation, pick_examples, spatial_localisation, svd_projection, token_tsne
 
 
 class KnownCapture(Capture):
@@ -39,7 +40,7 @@ def shift_tokens(tokens: torch.Tensor) -> torch.Tensor:
 def image_batches(num: int, size: int, seed: int = 0) -> list[Batch]:
     images = torch.randn(num, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(num) % 2
-    return [Batch(images[i:i + size], labels[i:i + size]) for i in range(0, num, size)]
+    return [Batch(images[i : i + size], labels[i : i + size]) for i in range(0, num, size)]
 
 
 def test_spatial_localisation_peaks_at_own_position_when_last_block_equals_depth_0():

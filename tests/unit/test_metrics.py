@@ -1,4 +1,5 @@
 """The metric functions against hand-computed cases and a plain float64 numpy reading of SPEC.md."""
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,15 @@ from vitscope.metrics import (
     residual_ratio,
     singular_values,
     spatial_attention,
+    spatial_attention_for_reduction,
     token_cosine_similarity,
 )
-from vitscope.metrics import spatial_attention_for_reduction
 
 
 # ------------------------------------------------------------ plain numpy references (SPEC, with loops)
 def np_distance(attn: np.ndarray, grid: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
     b, heads, n, _ = attn.shape
-    h, w = grid
+    _h, w = grid
     dist = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
@@ -79,22 +80,28 @@ def cosine(u: np.ndarray, v: np.ndarray) -> float:
 
 def np_token_cosine(tokens: np.ndarray) -> np.ndarray:
     b, n, _ = tokens.shape
-    return np.array([np.mean([cosine(tokens[bi, i], tokens[bi, j]) for i in range(n) for j in range(n) if i != j])
-                     for bi in range(b)])
+    return np.array(
+        [
+            np.mean([cosine(tokens[bi, i], tokens[bi, j]) for i in range(n) for j in range(n) if i != j])
+            for bi in range(b)
+        ]
+    )
 
 
 def np_head_cosine(heads: np.ndarray) -> np.ndarray:
     b, h, n, _ = heads.shape
     out = np.zeros(b)
     for bi in range(b):
-        per_token = [np.mean([cosine(heads[bi, x, t], heads[bi, y, t]) for x in range(h) for y in range(h) if x != y])
-                     for t in range(n)]
+        per_token = [
+            np.mean([cosine(heads[bi, x, t], heads[bi, y, t]) for x in range(h) for y in range(h) if x != y])
+            for t in range(n)
+        ]
         out[bi] = np.mean(per_token)
     return out
 
 
 def np_fourier(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    b, n, c = tokens.shape
+    b, _n, c = tokens.shape
     h, w = grid
     maps = tokens.transpose(0, 2, 1).reshape(b, c, h, w)
     log_amp = np.log(np.abs(np.fft.fft2(maps)) + 1e-6)
@@ -145,8 +152,17 @@ def test_two_by_two_grid_distance_by_hand():
     expected = torch.tensor([[to_corner, uniform]])
     assert torch.allclose(attention_distance(attn, (2, 2), (16, 8)), expected, atol=1e-5)
     d = distance_matrix((2, 2), 16)
-    assert torch.allclose(d, torch.tensor([[0, 16, 16, 16 * math.sqrt(2)], [16, 0, 16 * math.sqrt(2), 16],
-                                           [16, 16 * math.sqrt(2), 0, 16], [16 * math.sqrt(2), 16, 16, 0]]))
+    assert torch.allclose(
+        d,
+        torch.tensor(
+            [
+                [0, 16, 16, 16 * math.sqrt(2)],
+                [16, 0, 16 * math.sqrt(2), 16],
+                [16, 16 * math.sqrt(2), 0, 16],
+                [16 * math.sqrt(2), 16, 16, 0],
+            ]
+        ),
+    )
 
 
 def test_distance_matrix_is_cached_per_grid_patch_and_device():
@@ -181,8 +197,9 @@ def test_noise_has_higher_high_frequency_amplitude_than_blurred_noise():
     h = w = 16
     noise = torch.randn(4, 8, h, w, generator=gen)  # [B, C, h, w]
     kernel = torch.ones(8, 1, 3, 3) / 9.0
-    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(noise, (1, 1, 1, 1), mode="circular"), kernel,
-                                         groups=8)
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(noise, (1, 1, 1, 1), mode="circular"), kernel, groups=8
+    )
     as_tokens = lambda maps: maps.flatten(2).transpose(1, 2)  # noqa: E731 [B, h·w, C]
     high_noise = fourier_delta_log_amplitude(as_tokens(noise), (h, w))
     high_blurred = fourier_delta_log_amplitude(as_tokens(blurred), (h, w))
@@ -238,8 +255,11 @@ def test_token_metrics_match_numpy():
     o = other.numpy()
     expected_depth = [np.mean([cosine(t[b, i], o[b, i]) for i in range(6)]) for b in range(4)]
     np.testing.assert_allclose(depth_cosine_similarity(tokens, other).numpy(), expected_depth, atol=1e-12)
-    np.testing.assert_allclose(residual_ratio(tokens, other - tokens).numpy(),
-                               [np.linalg.norm(t[b]) / np.linalg.norm(o[b] - t[b]) for b in range(4)], atol=1e-12)
+    np.testing.assert_allclose(
+        residual_ratio(tokens, other - tokens).numpy(),
+        [np.linalg.norm(t[b]) / np.linalg.norm(o[b] - t[b]) for b in range(4)],
+        atol=1e-12,
+    )
 
 
 def test_singular_values_and_effective_rank_match_numpy():
@@ -299,5 +319,6 @@ def test_float32_nmi_keeps_the_small_values_of_near_uniform_attention():
     exact = attention_nmi(attn)
     assert 1e-4 < exact.min().item() < 1e-3
     np.testing.assert_allclose(attention_nmi(attn.float()).double().numpy(), exact.numpy(), rtol=1e-3, atol=0)
-    np.testing.assert_allclose(attention_entropy(attn.float()).double().numpy(), attention_entropy(attn).numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        attention_entropy(attn.float()).double().numpy(), attention_entropy(attn).numpy(), rtol=1e-6
+    )

@@ -5,6 +5,7 @@ prefixes, key names and extra heads) from a small randomly initialised timm mode
 ``load_model`` and compares (1) every encoder tensor and (2) the token outputs with an independent
 float64 implementation of the official forward pass that uses the official head count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def official_rel_pos_index(side: int) -> torch.Tensor:
 
 def reference_tokens(sd: dict[str, torch.Tensor], images: torch.Tensor, heads: int, prefix: str = "") -> torch.Tensor:
     """Token states after the final norm, in float64, from official-named weights (ViT or BEiT)."""
-    w = {k[len(prefix):]: v.double() if v.is_floating_point() else v for k, v in sd.items() if k.startswith(prefix)}
+    w = {k[len(prefix) :]: v.double() if v.is_floating_point() else v for k, v in sd.items() if k.startswith(prefix)}
     proj = w["patch_embed.proj.weight"]
     x = F.conv2d(images.double(), proj, w["patch_embed.proj.bias"], stride=proj.shape[-1]).flatten(2).transpose(1, 2)
     x = torch.cat([w["cls_token"].expand(len(x), -1, -1), x], dim=1)
@@ -59,7 +60,9 @@ def reference_tokens(sd: dict[str, torch.Tensor], images: torch.Tensor, heads: i
             qkv_bias = torch.cat([w[b + "attn.q_bias"], torch.zeros_like(w[b + "attn.v_bias"]), w[b + "attn.v_bias"]])
         else:
             qkv_bias = w[b + "attn.qkv.bias"]
-        q, k, v = F.linear(h, w[b + "attn.qkv.weight"], qkv_bias).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(h, w[b + "attn.qkv.weight"], qkv_bias).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        )
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if rel_bias is not None:
             logits = logits + rel_bias
@@ -67,8 +70,11 @@ def reference_tokens(sd: dict[str, torch.Tensor], images: torch.Tensor, heads: i
         out = F.linear(out, w[b + "attn.proj.weight"], w[b + "attn.proj.bias"])
         x = x + (w[b + "gamma_1"] * out if b + "gamma_1" in w else out)
         h = F.layer_norm(x, (dim,), w[b + "norm2.weight"], w[b + "norm2.bias"], eps=1e-6)
-        mlp = F.linear(F.gelu(F.linear(h, w[b + "mlp.fc1.weight"], w[b + "mlp.fc1.bias"])),
-                       w[b + "mlp.fc2.weight"], w[b + "mlp.fc2.bias"])
+        mlp = F.linear(
+            F.gelu(F.linear(h, w[b + "mlp.fc1.weight"], w[b + "mlp.fc1.bias"])),
+            w[b + "mlp.fc2.weight"],
+            w[b + "mlp.fc2.bias"],
+        )
         x = x + (w[b + "gamma_2"] * mlp if b + "gamma_2" in w else mlp)
     return F.layer_norm(x, (dim,), w["norm.weight"], w["norm.bias"], eps=1e-6)
 
@@ -76,7 +82,7 @@ def reference_tokens(sd: dict[str, torch.Tensor], images: torch.Tensor, heads: i
 def assert_same_model(model, sd: dict[str, torch.Tensor], heads: int, prefix: str = "") -> None:
     """Every encoder tensor identical, and the forward pass equal to the float64 reference."""
     state = model.state_dict()
-    official = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    official = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     compared = 0
     for key, value in official.items():
         if key in state:
@@ -94,8 +100,9 @@ def assert_same_model(model, sd: dict[str, torch.Tensor], heads: int, prefix: st
 # ----------------------------------------------------------------------------- official-layout builders
 def sincos_pos_embed(side: int, dim: int) -> torch.Tensor:
     """MoCo v3 / MAE fixed 2-D sin-cos position embedding with a zero CLS row: [1, 1 + side², dim]."""
-    grid_w, grid_h = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                                    indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
     pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
@@ -104,8 +111,17 @@ def sincos_pos_embed(side: int, dim: int) -> torch.Tensor:
 
 def random_vit(embed_dim: int, heads: int, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH,
-                              embed_dim=embed_dim, depth=depth, num_heads=heads, global_pool="token")
+    model = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        global_pool="token",
+    )
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     for key in sd:  # non-trivial norms and biases so that a wrong mapping shows
         if key.endswith("bias") or "norm" in key:
@@ -117,9 +133,21 @@ def random_vit(embed_dim: int, heads: int, depth: int = 2, seed: int = 0) -> dic
 def random_beit(embed_dim: int, heads: int, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Official BEiT/SimMIM encoder names (shared relative bias with its stored index buffer)."""
     torch.manual_seed(seed)
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH,
-                              embed_dim=embed_dim, depth=depth, num_heads=heads, use_abs_pos_emb=False,
-                              use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1, global_pool="token")
+    model = timm.create_model(
+        "beit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        use_abs_pos_emb=False,
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+        init_values=0.1,
+        global_pool="token",
+    )
     sd = {k: v.clone() + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}  # zero-init tables too
     sd["rel_pos_bias.relative_position_index"] = official_rel_pos_index(IMG // PATCH)
     sd["mask_token"] = torch.randn(1, 1, embed_dim)
@@ -142,12 +170,20 @@ def mlp_keys(prefix: str, layers: int, in_dim: int, hidden: int, out: int) -> di
 
 
 def optimizer_state() -> dict:
-    return {"state": {0: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3)}},
-            "param_groups": [{"lr": 1.5e-4, "weight_decay": 0.1, "params": [0]}]}
+    return {
+        "state": {0: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3)}},
+        "param_groups": [{"lr": 1.5e-4, "weight_decay": 0.1, "params": [0]}],
+    }
 
 
 def scaler_state() -> dict:
-    return {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 7}
+    return {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 7,
+    }
 
 
 # ----------------------------------------------------------------------------- MoCo v3
@@ -159,8 +195,13 @@ def moco_checkpoint(dim: int = 384, heads: int = 12) -> tuple[dict, dict]:
     state |= {f"module.momentum_encoder.{k}": v for k, v in momentum.items()}
     state |= mlp_keys("module.momentum_encoder.head.", 3, dim, 64, 16)
     state |= mlp_keys("module.predictor.", 2, 16, 64, 16)
-    checkpoint = {"epoch": 300, "arch": "vit_small", "state_dict": state, "optimizer": optimizer_state(),
-                  "scaler": scaler_state()}
+    checkpoint = {
+        "epoch": 300,
+        "arch": "vit_small",
+        "state_dict": state,
+        "optimizer": optimizer_state(),
+        "scaler": scaler_state(),
+    }
     return checkpoint, state
 
 
@@ -179,8 +220,15 @@ def test_moco_v3_vit_small_loads_with_12_heads(tmp_path: Path) -> None:
     assert report.arch_kwargs["depth"] == 1 and report.arch_kwargs["img_size"] == IMG
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     # the same weights split into timm's 6 heads give other attention: the head count matters
-    six = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH,
-                            depth=1, global_pool="token").eval()
+    six = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=IMG,
+        patch_size=PATCH,
+        depth=1,
+        global_pool="token",
+    ).eval()
     six.load_state_dict(model.state_dict())
     images = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
@@ -198,10 +246,16 @@ def test_moco_v3_momentum_encoder_on_request(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- MAE
 def mae_decoder(dim: int, dec_dim: int = 32) -> dict[str, torch.Tensor]:
     tokens = (IMG // PATCH) ** 2 + 1
-    sd = {"mask_token": torch.randn(1, 1, dec_dim), "decoder_embed.weight": torch.randn(dec_dim, dim),
-          "decoder_embed.bias": torch.randn(dec_dim), "decoder_pos_embed": sincos_pos_embed(IMG // PATCH, dec_dim),
-          "decoder_norm.weight": torch.ones(dec_dim), "decoder_norm.bias": torch.zeros(dec_dim),
-          "decoder_pred.weight": torch.randn(PATCH * PATCH * 3, dec_dim), "decoder_pred.bias": torch.zeros(PATCH * PATCH * 3)}
+    sd = {
+        "mask_token": torch.randn(1, 1, dec_dim),
+        "decoder_embed.weight": torch.randn(dec_dim, dim),
+        "decoder_embed.bias": torch.randn(dec_dim),
+        "decoder_pos_embed": sincos_pos_embed(IMG // PATCH, dec_dim),
+        "decoder_norm.weight": torch.ones(dec_dim),
+        "decoder_norm.bias": torch.zeros(dec_dim),
+        "decoder_pred.weight": torch.randn(PATCH * PATCH * 3, dec_dim),
+        "decoder_pred.bias": torch.zeros(PATCH * PATCH * 3),
+    }
     block = random_vit(dec_dim, 4, depth=1, seed=5)
     sd |= {f"decoder_{k}": v for k, v in block.items() if k.startswith("blocks.")}
     assert sd["decoder_pos_embed"].shape[1] == tokens
@@ -217,10 +271,22 @@ def test_mae_layouts(tmp_path: Path, layout: str) -> None:
     elif layout == "full":
         checkpoint = {"model": encoder | mae_decoder(64)}
     else:
-        args = argparse.Namespace(model="mae_vit_small_custom", mask_ratio=0.75, norm_pix_loss=True, lr=None,
-                                  input_size=IMG, output_dir="./out", device="cuda")
-        checkpoint = {"model": encoder | mae_decoder(64), "optimizer": optimizer_state(), "epoch": 799,
-                      "scaler": scaler_state(), "args": args}
+        args = argparse.Namespace(
+            model="mae_vit_small_custom",
+            mask_ratio=0.75,
+            norm_pix_loss=True,
+            lr=None,
+            input_size=IMG,
+            output_dir="./out",
+            device="cuda",
+        )
+        checkpoint = {
+            "model": encoder | mae_decoder(64),
+            "optimizer": optimizer_state(),
+            "epoch": 799,
+            "scaler": scaler_state(),
+            "args": args,
+        }
     path = tmp_path / f"mae_{layout}.pth"
     torch.save(checkpoint, path)
     model = load_model(f"mae:{path}", num_heads=4)  # 64 wide: no official MAE config, heads given
@@ -247,10 +313,16 @@ def test_mae_base_width_uses_official_12_heads(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- DINO
 def dino_head(prefix: str, dim: int) -> dict[str, torch.Tensor]:
-    return {f"{prefix}mlp.0.weight": torch.randn(32, dim), f"{prefix}mlp.0.bias": torch.zeros(32),
-            f"{prefix}mlp.2.weight": torch.randn(32, 32), f"{prefix}mlp.2.bias": torch.zeros(32),
-            f"{prefix}mlp.4.weight": torch.randn(16, 32), f"{prefix}mlp.4.bias": torch.zeros(16),
-            f"{prefix}last_layer.weight_g": torch.ones(64, 1), f"{prefix}last_layer.weight_v": torch.randn(64, 16)}
+    return {
+        f"{prefix}mlp.0.weight": torch.randn(32, dim),
+        f"{prefix}mlp.0.bias": torch.zeros(32),
+        f"{prefix}mlp.2.weight": torch.randn(32, 32),
+        f"{prefix}mlp.2.bias": torch.zeros(32),
+        f"{prefix}mlp.4.weight": torch.randn(16, 32),
+        f"{prefix}mlp.4.bias": torch.zeros(16),
+        f"{prefix}last_layer.weight_g": torch.ones(64, 1),
+        f"{prefix}last_layer.weight_v": torch.randn(64, 16),
+    }
 
 
 def test_dino_pretrain_bare_dict_vit_small_has_6_heads(tmp_path: Path) -> None:
@@ -267,9 +339,11 @@ def test_dino_full_checkpoint(tmp_path: Path, part: str) -> None:
     checkpoint = {
         "student": {f"module.backbone.{k}": v for k, v in student.items()} | dino_head("module.head.", 384),
         "teacher": {f"backbone.{k}": v for k, v in teacher.items()} | dino_head("head.", 384),
-        "optimizer": optimizer_state(), "epoch": 100,
+        "optimizer": optimizer_state(),
+        "epoch": 100,
         "args": argparse.Namespace(arch="vit_small", patch_size=PATCH, out_dim=65536, local_crops_number=10),
-        "dino_loss": {"center": torch.randn(1, 64)}, "fp16_scaler": scaler_state(),
+        "dino_loss": {"center": torch.randn(1, 64)},
+        "fp16_scaler": scaler_state(),
     }
     path = tmp_path / "dino_deitsmall16_pretrain_full_checkpoint.pth"
     torch.save(checkpoint, path)
@@ -315,14 +389,37 @@ def simmim_checkpoint(encoder: dict[str, torch.Tensor], heads: int) -> dict:
     model = {f"encoder.{k}": v for k, v in encoder.items()}
     model["decoder.0.weight"] = torch.randn(PATCH * PATCH * 3, dim, 1, 1)
     model["decoder.0.bias"] = torch.zeros(PATCH * PATCH * 3)
-    config = _FakeCfgNode({"MODEL": {"TYPE": "vit", "NAME": "simmim_pretrain", "VIT": {
-        "PATCH_SIZE": PATCH, "EMBED_DIM": dim, "DEPTH": 2, "NUM_HEADS": heads, "USE_APE": False, "USE_RPB": False,
-        "USE_SHARED_RPB": True, "USE_MEAN_POOLING": False, "INIT_VALUES": 0.1, "QKV_BIAS": True}},
-        "DATA": {"IMG_SIZE": IMG, "MASK_RATIO": 0.6}, "AMP_OPT_LEVEL": "O1"})
-    return {"model": model, "optimizer": optimizer_state(),
-            "lr_scheduler": {"t_initial": 100, "base_values": [8e-4], "warmup_t": 10, "noise_range_t": None},
-            "max_accuracy": 0.0, "epoch": 99, "config": config,
-            "amp": {"loss_scaler0": {"loss_scale": 1024.0, "unskipped": 17}}}
+    config = _FakeCfgNode(
+        {
+            "MODEL": {
+                "TYPE": "vit",
+                "NAME": "simmim_pretrain",
+                "VIT": {
+                    "PATCH_SIZE": PATCH,
+                    "EMBED_DIM": dim,
+                    "DEPTH": 2,
+                    "NUM_HEADS": heads,
+                    "USE_APE": False,
+                    "USE_RPB": False,
+                    "USE_SHARED_RPB": True,
+                    "USE_MEAN_POOLING": False,
+                    "INIT_VALUES": 0.1,
+                    "QKV_BIAS": True,
+                },
+            },
+            "DATA": {"IMG_SIZE": IMG, "MASK_RATIO": 0.6},
+            "AMP_OPT_LEVEL": "O1",
+        }
+    )
+    return {
+        "model": model,
+        "optimizer": optimizer_state(),
+        "lr_scheduler": {"t_initial": 100, "base_values": [8e-4], "warmup_t": 10, "noise_range_t": None},
+        "max_accuracy": 0.0,
+        "epoch": 99,
+        "config": config,
+        "amp": {"loss_scaler0": {"loss_scale": 1024.0, "unskipped": 17}},
+    }
 
 
 def test_simmim_vit_maps_onto_timm_beit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,7 +430,9 @@ def test_simmim_vit_maps_onto_timm_beit(tmp_path: Path, monkeypatch: pytest.Monk
     assert type(model).__name__ == "Beit"
     assert_same_model(model, encoder, heads=4)
     report = model.vitscope_load_report
-    assert {"decoder.0.weight", "encoder.mask_token", "encoder.rel_pos_bias.relative_position_index"} <= set(report.dropped)
+    assert {"decoder.0.weight", "encoder.mask_token", "encoder.rel_pos_bias.relative_position_index"} <= set(
+        report.dropped
+    )
     assert report.arch_kwargs["use_shared_rel_pos_bias"] and not report.arch_kwargs["use_abs_pos_emb"]
     assert any("NUM_HEADS = 4" in note for note in report.notes)
 
@@ -351,11 +450,21 @@ def test_simmim_shared_bias_spread_to_per_block_arch(tmp_path: Path, monkeypatch
     encoder = random_beit(64, 4)
     path = tmp_path / "simmim.pth"
     save_with_fake_yacs(simmim_checkpoint(encoder, heads=4), path, monkeypatch)
-    model = load_model(f"simmim:{path}", arch="beit_base_patch16_224", img_size=IMG, patch_size=PATCH, embed_dim=64,
-                       depth=2, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    model = load_model(
+        f"simmim:{path}",
+        arch="beit_base_patch16_224",
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=64,
+        depth=2,
+        use_shared_rel_pos_bias=False,
+        use_rel_pos_bias=True,
+    )
     assert model.blocks[0].attn.num_heads == 4
     for block in model.blocks:
-        assert torch.equal(block.attn.relative_position_bias_table, encoder["rel_pos_bias.relative_position_bias_table"])
+        assert torch.equal(
+            block.attn.relative_position_bias_table, encoder["rel_pos_bias.relative_position_bias_table"]
+        )
     images = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         got = model.forward_features(images).double()
@@ -368,15 +477,22 @@ def test_beit_layouts(tmp_path: Path, wrapper: str) -> None:
     encoder = random_beit(64, 4)
     state = encoder | {"lm_head.weight": torch.randn(8192, 64), "lm_head.bias": torch.zeros(8192)}
     if wrapper == "training":
-        checkpoint = {"model": state, "optimizer": optimizer_state(), "epoch": 799, "scaler": scaler_state(),
-                      "args": argparse.Namespace(model="beit_base_patch16_224_8k_vocab", layer_scale_init_value=0.1)}
+        checkpoint = {
+            "model": state,
+            "optimizer": optimizer_state(),
+            "epoch": 799,
+            "scaler": scaler_state(),
+            "args": argparse.Namespace(model="beit_base_patch16_224_8k_vocab", layer_scale_init_value=0.1),
+        }
     else:
         checkpoint = {wrapper: state}
     path = tmp_path / "beit_base_patch16_224_pt22k.pth"
     torch.save(checkpoint, path)
     model = load_model(f"beit:{path}")
     assert_same_model(model, encoder, heads=4)
-    assert {"lm_head.weight", "mask_token", "rel_pos_bias.relative_position_index"} <= set(model.vitscope_load_report.dropped)
+    assert {"lm_head.weight", "mask_token", "rel_pos_bias.relative_position_index"} <= set(
+        model.vitscope_load_report.dropped
+    )
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
 
 

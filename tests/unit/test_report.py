@@ -1,4 +1,5 @@
 """Figures and the self-contained HTML report, rendered from hand-made results directories."""
+
 from __future__ import annotations
 
 import base64
@@ -8,21 +9,45 @@ import re
 import numpy as np
 import pytest
 
-from fake_results import (GRID, HEAD_SPREAD, HEADS, L, PROFILES, cka_rows, make_arrays, make_results,
-                          rendered_report_dir, write_results_dir)
-from vitscope.cli import main
+from tests.support.results import (
+    GRID,
+    HEAD_SPREAD,
+    HEADS,
+    PROFILES,
+    L,
+    cka_rows,
+    make_arrays,
+    make_results,
+    only,
+    rendered_report_dir,
+    write_results_dir,
+)
 from vitscope.report import SECTIONS, render_report
-from vitscope.results import RunDirectory
 from vitscope.report.figures import build_figures, fig_attention_maps, fig_cka, layer_curve, model_colors
 from vitscope.report.series import ResultView
-from vitscope.results import Results
+from vitscope.results import RunDirectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VIT = ("cl", "mim", "control", "hybrid")
 EXPECTED_FIGURES = (
-    ["attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
-     "effective_rank", "fourier_high", "singular_values", "fourier_delta", "noise_robustness", "linear_probe",
-     "tsne", "cka_cl_vs_cl", "cka_cl_vs_resnet", "residual_ratio"]
+    [
+        "attention_distance",
+        "nmi",
+        "attention_entropy",
+        "token_cosine",
+        "head_cosine",
+        "depth_cosine",
+        "effective_rank",
+        "fourier_high",
+        "singular_values",
+        "fourier_delta",
+        "noise_robustness",
+        "linear_probe",
+        "tsne",
+        "cka_cl_vs_cl",
+        "cka_cl_vs_resnet",
+        "residual_ratio",
+    ]
     + [f"attention_maps_{m}" for m in VIT]
     + [f"localisation_{m}" for m in VIT]
 )
@@ -71,8 +96,15 @@ def test_report_is_self_contained(report_dir):
 def test_report_shows_the_run_summary_and_the_claims_table(report_dir):
     page = (report_dir / "report.html").read_text()
     summary = page.split('<section id="summary">')[1].split("</section>")[0]
-    for text in ("folder:/data/imagenette-val", "timm:resnet18", "torch 2.14.1", "12.5 s", "64",
-                 "/data/imagenette-val/broken.jpg", "attention metrics skipped for resnet: not a transformer"):
+    for text in (
+        "folder:/data/imagenette-val",
+        "timm:resnet18",
+        "torch 2.14.1",
+        "12.5 s",
+        "64",
+        "/data/imagenette-val/broken.jpg",
+        "attention metrics skipped for resnet: not a transformer",
+    ):
         assert text in summary
     claims = page.split('<section id="claims">')[1].split("</section>")[0]
     assert claims.count('<span class="status holds">holds</span>') == 7
@@ -81,8 +113,16 @@ def test_report_shows_the_run_summary_and_the_claims_table(report_dir):
 
 def test_attention_distance_figure_plots_layer_means_over_per_head_dots():
     view = ResultView(make_results(("cl", "mim")))
-    (named,) = layer_curve(view, model_colors(view.models()), "attention_distance", "attention_distance",
-                           "attention-distance", "t", "y", heads=True)
+    (named,) = layer_curve(
+        view,
+        model_colors(view.models()),
+        "attention_distance",
+        "attention_distance",
+        "attention-distance",
+        "t",
+        "y",
+        heads=True,
+    )
     ax = named.figure.axes[0]
     lines = {line.get_label(): line for line in ax.lines}
     np.testing.assert_allclose(lines["cl"].get_xdata(), np.arange(1, L + 1))
@@ -131,14 +171,10 @@ def test_attention_maps_mosaic_puts_each_map_in_its_cell():
     block, query = 4, 2
     top, left = query * (cell + pad), block * (cell + pad)
     # the brightest patch of the map is the brightest (inferno: highest luminance) block of the cell
-    luminance = mosaic[top:top + cell, left:left + cell].sum(axis=-1)
+    luminance = mosaic[top : top + cell, left : left + cell].sum(axis=-1)
     r, c = np.unravel_index(np.argmax(luminance), luminance.shape)
     assert (r // 16, c // 16) == np.unravel_index(np.argmax(maps[block, query]), GRID)
     assert len(named.figure.axes[0].patches) == L * 3  # one query outline per cell
-
-
-def only(results: Results, *metrics: str) -> Results:
-    return Results([r for r in results.rows if r["metric"] in metrics], results.meta)
 
 
 def test_sections_without_data_say_not_measured_and_png_only(tmp_path):
@@ -156,25 +192,15 @@ def test_sections_without_data_say_not_measured_and_png_only(tmp_path):
 
 
 def test_report_evaluates_claims_from_roles_in_meta(tmp_path, monkeypatch):
-    monkeypatch.setattr("vitscope.report.render.build_figures", lambda view, arrays: [])  # the claims table is the point
+    monkeypatch.setattr(
+        "vitscope.report.render.build_figures", lambda view, arrays: []
+    )  # the claims table is the point
     results = make_results(("cl", "mim"), drop={("cl", "cka")})
     results.meta["roles"] = {"cl": "cl", "mim": "mim"}
     out = write_results_dir(tmp_path / "run", results, arrays={})
     page = render_report(out, svg=False).read_text()
     claims = page.split('<section id="claims">')[1].split("</section>")[0]
     assert claims.count("status holds") == 6 and claims.count("status not-measured") == 1
-
-
-def test_report_command_and_its_errors(tmp_path, capsys):
-    out = write_results_dir(tmp_path / "run", only(make_results(("mim",)), "nmi"), arrays={})
-    assert main(["report", str(out), "--no-svg"]) == 0
-    assert (out / "figures" / "nmi.png").exists()
-    assert f"wrote {out / 'report.html'}" in capsys.readouterr().out
-    assert main(["report", str(tmp_path / "missing")]) == 2
-    assert "no such results directory" in capsys.readouterr().err
-    (out / "arrays.npz").write_bytes(b"not a zip file")
-    assert main(["report", str(out)]) == 2
-    assert "arrays.npz: cannot read arrays" in capsys.readouterr().err
 
 
 def test_load_arrays_roundtrip(tmp_path):

@@ -1,4 +1,5 @@
 """`vitscope analyze` end to end: two tiny models on a tiny image set, every file, values = Python API."""
+
 from __future__ import annotations
 
 import csv
@@ -8,17 +9,30 @@ import math
 import numpy as np
 import pytest
 
-from tests.test_data import make_folder
+from tests.support.images import make_folder
 from vitscope.analyses import AnalysisConfig, analyze
 from vitscope.cli import main
 
 TINY = "random:vit_small_patch16_224?img_size=32&patch_size=8&embed_dim=32&depth=2&num_heads=4"
 MODELS = {"cl": TINY + "&seed=1", "mim": TINY + "&seed=2"}
-SMALL = dict(num_images=24, probe_train_images=24, noise_images=8, batch_size=8, probe_epochs=3,
-             tsne_classes=2, tsne_per_class=2)
-EXPECTED_METRICS = {"attention_distance", "nmi", "attention_entropy", "token_cosine", "head_cosine", "depth_cosine",
-                    "effective_rank", "fourier_high", "residual_ratio_attn", "residual_ratio_mlp",
-                    "linear_probe_top1", "noise_drop", "cka"}
+SMALL = dict(
+    num_images=24, probe_train_images=24, noise_images=8, batch_size=8, probe_epochs=3, tsne_classes=2, tsne_per_class=2
+)
+EXPECTED_METRICS = {
+    "attention_distance",
+    "nmi",
+    "attention_entropy",
+    "token_cosine",
+    "head_cosine",
+    "depth_cosine",
+    "effective_rank",
+    "fourier_high",
+    "residual_ratio_attn",
+    "residual_ratio_mlp",
+    "linear_probe_top1",
+    "noise_drop",
+    "cka",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +44,27 @@ def run_dir(tmp_path_factory):
         for i in range(3, 24):
             (data / cls / f"{i}.jpg").write_bytes((data / cls / "1.jpg").read_bytes())
     out = root / "out"
-    argv = ["analyze", "--data", f"folder:{data}", "--out", str(out), "--num-images", "24", "--probe-images", "24",
-            "--noise-images", "8", "--batch-size", "8", "--probe-epochs", "3", "--cl", "cl", "--mim", "mim"]
+    argv = [
+        "analyze",
+        "--data",
+        f"folder:{data}",
+        "--out",
+        str(out),
+        "--num-images",
+        "24",
+        "--probe-images",
+        "24",
+        "--noise-images",
+        "8",
+        "--batch-size",
+        "8",
+        "--probe-epochs",
+        "3",
+        "--cl",
+        "cl",
+        "--mim",
+        "mim",
+    ]
     for label, spec in MODELS.items():
         argv += ["--model", f"{label}={spec}"]
     assert main(argv) == 0
@@ -84,9 +117,24 @@ def test_analyze_csv_equals_python_api(run_dir):
 def test_analyze_bad_inputs_name_the_problem(tmp_path, capsys):
     assert main(["analyze", "--model", "x=nonsense", "--data", "fashion-mnist-subset", "--out", str(tmp_path)]) == 2
     assert "nonsense" in capsys.readouterr().err
-    assert main(["analyze", "--model", f"a={TINY}", "--data", f"folder:{tmp_path / 'none'}",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(["analyze", "--model", f"a={TINY}", "--data", f"folder:{tmp_path / 'none'}", "--out", str(tmp_path)]) == 2
+    )
     assert "none" in capsys.readouterr().err
-    assert main(["analyze", "--model", f"a={TINY}", "--data", "fashion-mnist-subset", "--metrics", "nmi,bogus",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                f"a={TINY}",
+                "--data",
+                "fashion-mnist-subset",
+                "--metrics",
+                "nmi,bogus",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "bogus" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """CKA: full-batch and minibatch estimates against plain float64 numpy written here, invariances, reducers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +7,13 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import tiny_vit
-from vitscope.capture import FeatureCapture, ViTCapture
-from vitscope.data import Batch
+from tests.support.models import tiny_vit
+from vitscope.analyses import run_reducers
 from vitscope.analyses.cka import CKAAccumulator, CKAReducer, CrossModelCKA, cross_model_cka
 from vitscope.analyses.features import pooled_features as example_features
+from vitscope.capture import FeatureCapture, ViTCapture
+from vitscope.data import Batch
 from vitscope.metrics.cka import cka, hsic1, linear_cka, rbf_cka
-from vitscope.analyses import run_reducers
 
 
 # ------------------------------------------------------------------------------ numpy references
@@ -55,8 +56,8 @@ def np_minibatch_cka(xs: list[np.ndarray], ys: list[np.ndarray], batch: int) -> 
         for j, y in enumerate(ys):
             xy, xx, yy = [], [], []
             for start in range(0, n, batch):
-                k = x[start:start + batch] @ x[start:start + batch].T
-                l = y[start:start + batch] @ y[start:start + batch].T
+                k = x[start : start + batch] @ x[start : start + batch].T
+                l = y[start : start + batch] @ y[start : start + batch].T
                 xy.append(np_hsic1(k, l))
                 xx.append(np_hsic1(k, k))
                 yy.append(np_hsic1(l, l))
@@ -68,8 +69,10 @@ def related_features(n: int, dims: list[int], seed: int) -> list[np.ndarray]:
     """Layers that share a latent factor to different degrees (CKA well inside (0, 1))."""
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n, 6))
-    return [latent @ rng.normal(size=(6, d)) * (i + 1) + rng.normal(size=(n, d)) * (0.5 + i) + 3.0
-            for i, d in enumerate(dims)]
+    return [
+        latent @ rng.normal(size=(6, d)) * (i + 1) + rng.normal(size=(n, d)) * (0.5 + i) + 3.0
+        for i, d in enumerate(dims)
+    ]
 
 
 def random_orthogonal(d: int, seed: int) -> np.ndarray:
@@ -130,8 +133,10 @@ def test_minibatch_accumulator_equals_numpy_loops():
     ys = related_features(n, [4, 9], seed=11)
     acc = CKAAccumulator()
     for start in range(0, n, batch):
-        acc.update([torch.tensor(x[start:start + batch], dtype=torch.float32) for x in xs],
-                   [torch.tensor(y[start:start + batch], dtype=torch.float32) for y in ys])
+        acc.update(
+            [torch.tensor(x[start : start + batch], dtype=torch.float32) for x in xs],
+            [torch.tensor(y[start : start + batch], dtype=torch.float32) for y in ys],
+        )
     expected = np_minibatch_cka(xs, ys, batch)
     np.testing.assert_allclose(acc.matrix().numpy(), expected, rtol=1e-5)
     assert acc.num_batches == 4 and acc.num_examples == n
@@ -146,7 +151,7 @@ def test_stacked_tensor_input_equals_list_and_self_matrix_is_symmetric():
     xs = related_features(40, [6, 6, 6], seed=4)
     a_list, a_stack = CKAAccumulator(), CKAAccumulator()
     for start in range(0, 40, 10):
-        chunk = [torch.tensor(x[start:start + 10]) for x in xs]
+        chunk = [torch.tensor(x[start : start + 10]) for x in xs]
         a_list.update(chunk)
         a_stack.update(torch.stack(chunk))
     m = a_list.matrix()
@@ -163,7 +168,7 @@ def test_minibatch_cka_invariances():
     def run(xa, ya):
         acc = CKAAccumulator()
         for start in range(0, 48, 12):
-            acc.update([torch.tensor(xa[start:start + 12])], [torch.tensor(ya[start:start + 12])])
+            acc.update([torch.tensor(xa[start : start + 12])], [torch.tensor(ya[start : start + 12])])
         return acc.matrix().item()
 
     base = run(x, y)
@@ -193,7 +198,7 @@ def test_rbf_accumulator_single_batch_equals_unbiased_rbf_cka():
 # ------------------------------------------------------------------------------------ on models
 def batches_of(images: torch.Tensor, size: int) -> list[Batch]:
     labels = torch.arange(len(images)) % 3
-    return [Batch(images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size)]
+    return [Batch(images[i : i + size], labels[i : i + size]) for i in range(0, len(images), size)]
 
 
 def test_within_model_reducer_full_batch_is_symmetric_with_unit_diagonal_and_matches_numpy():
@@ -221,8 +226,7 @@ def test_cross_model_vit_against_resnet_equals_numpy_over_batches():
     resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
     images = torch.randn(30, 3, 32, 32)
     capture_a, capture_b = ViTCapture(vit, attention=False, branches=False), FeatureCapture(resnet)
-    pair = cross_model_cka(capture_a, capture_b, batches_of(images, 10), name_a="vit", name_b="resnet",
-                           progress=None)
+    pair = cross_model_cka(capture_a, capture_b, batches_of(images, 10), name_a="vit", name_b="resnet", progress=None)
     feats_a = [example_features(l).double().numpy() for l in capture_a.collect(images)]
     feats_b = [example_features(l).double().numpy() for l in capture_b.collect(images)]
     expected = np_minibatch_cka(feats_a, feats_b, 10)

@@ -7,11 +7,12 @@ frequencies, best probe in the middle), ``control`` (untrained: near-uniform att
 curves with ``overrides={(model, metric): values}`` (values over blocks 1..L; token metrics get
 layer 0 = first value) and drop metrics with ``drop={(model, metric), ...}``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -101,26 +102,43 @@ VIT_MODELS = ("cl", "mim", "control", "hybrid")
 
 def model_meta(label: str) -> dict:
     if label == "resnet":
-        return {"spec": "timm:resnet18", "kind": "cnn", "num_layers": 4, "num_heads": None,
-                "num_prefix_tokens": 0, "grid": [4, 4], "patch_size": [8, 8], "num_tokens": N}
-    return {"spec": f"checkpoint:/models/{label}.pth", "kind": "vit", "num_layers": L, "num_heads": HEADS,
-            "num_prefix_tokens": 1, "grid": list(GRID), "patch_size": list(PATCH), "num_tokens": N}
+        return {
+            "spec": "timm:resnet18",
+            "kind": "cnn",
+            "num_layers": 4,
+            "num_heads": None,
+            "num_prefix_tokens": 0,
+            "grid": [4, 4],
+            "patch_size": [8, 8],
+            "num_tokens": N,
+        }
+    return {
+        "spec": f"checkpoint:/models/{label}.pth",
+        "kind": "vit",
+        "num_layers": L,
+        "num_heads": HEADS,
+        "num_prefix_tokens": 1,
+        "grid": list(GRID),
+        "patch_size": list(PATCH),
+        "num_tokens": N,
+    }
 
 
 def _stderr(value: float) -> float:
     return 0.01 * abs(value) + 1e-4
 
 
-def per_layer_rows(model: str, metric: str, values: Iterable[float], *, first_layer: int = 1,
-                   **extra) -> list[Row]:
-    return [make_row(model, metric, first_layer + i, v, stderr=_stderr(v), n=8, **extra)
-            for i, v in enumerate(values)]
+def per_layer_rows(model: str, metric: str, values: Iterable[float], *, first_layer: int = 1, **extra) -> list[Row]:
+    return [make_row(model, metric, first_layer + i, v, stderr=_stderr(v), n=8, **extra) for i, v in enumerate(values)]
 
 
 def _head_rows(model: str, metric: str, values: list[float]) -> list[Row]:
     offsets = np.linspace(-HEAD_SPREAD[metric], HEAD_SPREAD[metric], HEADS)  # heads average to the layer value
-    return [make_row(model, metric, layer, v + off, head=h, stderr=_stderr(v), n=8)
-            for layer, v in enumerate(values, start=1) for h, off in enumerate(offsets)]
+    return [
+        make_row(model, metric, layer, v + off, head=h, stderr=_stderr(v), n=8)
+        for layer, v in enumerate(values, start=1)
+        for h, off in enumerate(offsets)
+    ]
 
 
 def model_rows(model: str, profile: Mapping[str, list[float]], skip: set[str]) -> list[Row]:
@@ -139,8 +157,10 @@ def model_rows(model: str, profile: Mapping[str, list[float]], skip: set[str]) -
             if f"probe_{feature}" in profile:
                 rows += per_layer_rows(model, "linear_probe_top1", profile[f"probe_{feature}"], feature=feature)
     if "noise_drop" in profile and "noise_drop" not in skip:
-        rows += [make_row(model, "noise_drop", None, v, stderr=0.005, n=64, band=b)
-                 for b, v in enumerate(profile["noise_drop"])]
+        rows += [
+            make_row(model, "noise_drop", None, v, stderr=0.005, n=64, band=b)
+            for b, v in enumerate(profile["noise_drop"])
+        ]
     depth = len(profile["token_cosine"])
     if "fourier_delta" not in skip:
         for layer in range(depth + 1):
@@ -158,13 +178,20 @@ def model_rows(model: str, profile: Mapping[str, list[float]], skip: set[str]) -
 def cka_rows(model: str, other: str, depth: int, other_depth: int) -> list[Row]:
     i, j = np.meshgrid(np.arange(depth + 1), np.arange(other_depth + 1), indexing="ij")
     sim = np.exp(-np.abs(i / depth - j / other_depth) * 2.5)
-    return [make_row(model, "cka", int(a), float(sim[a, b]), other_model=other, other_layer=int(b))
-            for a in range(depth + 1) for b in range(other_depth + 1)]
+    return [
+        make_row(model, "cka", int(a), float(sim[a, b]), other_model=other, other_layer=int(b))
+        for a in range(depth + 1)
+        for b in range(other_depth + 1)
+    ]
 
 
-def make_results(models: Iterable[str] = ("cl", "mim", "control", "hybrid", "resnet"), *,
-                 overrides: Mapping[tuple[str, str], list[float]] | None = None,
-                 drop: Iterable[tuple[str, str]] = (), meta_models: bool = True) -> Results:
+def make_results(
+    models: Iterable[str] = ("cl", "mim", "control", "hybrid", "resnet"),
+    *,
+    overrides: Mapping[tuple[str, str], list[float]] | None = None,
+    drop: Iterable[tuple[str, str]] = (),
+    meta_models: bool = True,
+) -> Results:
     models = list(models)
     overrides = dict(overrides or {})
     dropped = set(drop)
@@ -194,7 +221,7 @@ def make_results(models: Iterable[str] = ("cl", "mim", "control", "hybrid", "res
 
 def _fake_attention(model: str, rng: np.random.Generator, queries: np.ndarray) -> np.ndarray:
     """[L, Q, h, w]: MIM-like maps stay around the query; CL-like late maps all look at one region."""
-    rows, cols = np.mgrid[0:GRID[0], 0:GRID[1]]
+    rows, cols = np.mgrid[0 : GRID[0], 0 : GRID[1]]
     collapse_from = {"cl": 3, "hybrid": 4}.get(model, L)
     maps = np.empty((L, len(queries), *GRID))
     for layer in range(L):
@@ -232,8 +259,9 @@ def make_arrays(models: Iterable[str] = VIT_MODELS, seed: int = 0) -> dict[str, 
     return arrays
 
 
-def write_results_dir(out_dir: str | Path, results: Results | None = None,
-                      arrays: Mapping[str, np.ndarray] | None = None) -> Path:
+def write_results_dir(
+    out_dir: str | Path, results: Results | None = None, arrays: Mapping[str, np.ndarray] | None = None
+) -> Path:
     """Write metrics.{csv,json} and arrays.npz (pass ``arrays={}`` to leave arrays.npz out)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,3 +289,8 @@ def rendered_report_dir(tmp_path_factory) -> Path:
     render_report(out)
     _RENDERED[:] = [out]
     return out
+
+
+def only(results: Results, *metrics: str) -> Results:
+    """The rows of ``metrics`` only, with the same metadata."""
+    return Results([r for r in results.rows if r["metric"] in metrics], results.meta)

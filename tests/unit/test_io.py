@@ -1,4 +1,5 @@
 """Atomic writes: whole files or nothing, usual permissions."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,9 @@ from vitscope.io import atomic_path, write_json_atomic, write_text_atomic
 def test_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path):
     target = tmp_path / "results.json"
     write_text_atomic(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 

@@ -1,4 +1,5 @@
 """Streaming metrics: batches of unequal size give the whole set's means and standard errors."""
+
 from __future__ import annotations
 
 import gc
@@ -10,13 +11,11 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import tiny_vit
+from tests.support.models import tiny_vit
+from vitscope import metrics as F
+from vitscope.analyses import ALL_METRICS, Reducer, RunningMoments, analyze_model, metric_reducers, run_reducers
 from vitscope.capture import ViTCapture
 from vitscope.data import Batch
-from vitscope.analyses import ALL_METRICS, analyze_model, metric_reducers
-from vitscope import metrics as F
-from vitscope.analyses import RunningMoments
-from vitscope.analyses import Reducer, run_reducers
 from vitscope.results import Results
 
 NUM_IMAGES = 7
@@ -76,8 +75,7 @@ def row_map(results: Results) -> dict[tuple, dict]:
 
 
 def test_streamed_means_and_stderr_equal_whole_set(model, images):
-    streamed = analyze_model(model, batches(images, [3, 1, 3]), label="vit", progress=None,
-                             spectrum_groups=None)
+    streamed = analyze_model(model, batches(images, [3, 1, 3]), label="vit", progress=None, spectrum_groups=None)
     rows = row_map(streamed)
     expected = whole_set_values(model, images)
     for (metric, layer, head), per_image in expected.items():
@@ -89,10 +87,16 @@ def test_streamed_means_and_stderr_equal_whole_set(model, images):
 
 
 def test_unequal_batches_equal_one_batch_for_every_row(model, images):
-    one = row_map(analyze_model(model, [Batch(images, torch.zeros(NUM_IMAGES, dtype=torch.long))], label="m",
-                                progress=None, spectrum_groups=None))
-    many = row_map(analyze_model(model, batches(images, [2, 3, 1, 1]), label="m", progress=None,
-                                 spectrum_groups=None))
+    one = row_map(
+        analyze_model(
+            model,
+            [Batch(images, torch.zeros(NUM_IMAGES, dtype=torch.long))],
+            label="m",
+            progress=None,
+            spectrum_groups=None,
+        )
+    )
+    many = row_map(analyze_model(model, batches(images, [2, 3, 1, 1]), label="m", progress=None, spectrum_groups=None))
     assert one.keys() == many.keys()
     for key, row in one.items():
         assert many[key]["n"] == row["n"], key
@@ -106,8 +110,15 @@ def test_rows_cover_every_metric_layer_and_head(model, images):
     layers = {m: sorted({r["layer"] for r in results.select(metric=m)}) for m in ALL_METRICS}
     for metric in ("token_cosine", "effective_rank", "fourier_high", "fourier_delta", "singular_values"):
         assert layers[metric] == [0, 1, 2], metric
-    for metric in ("attention_distance", "nmi", "attention_entropy", "head_cosine", "depth_cosine",
-                   "residual_ratio_attn", "residual_ratio_mlp"):
+    for metric in (
+        "attention_distance",
+        "nmi",
+        "attention_entropy",
+        "head_cosine",
+        "depth_cosine",
+        "residual_ratio_attn",
+        "residual_ratio_mlp",
+    ):
         assert layers[metric] == [1, 2], metric
     heads = sorted(r["head"] for r in results.select(metric="nmi", layer=2) if r["head"] is not None)
     assert heads == [0, 1, 2, 3]
@@ -122,8 +133,14 @@ def test_rows_cover_every_metric_layer_and_head(model, images):
 
 
 def test_spectrum_groups_straddle_batches_and_match_direct_svd(model, images):
-    results = analyze_model(model, batches(images, [3, 1, 3]), label="vit", metrics=["singular_values",
-                            "effective_rank"], progress=None, spectrum_groups=2)
+    results = analyze_model(
+        model,
+        batches(images, [3, 1, 3]),
+        label="vit",
+        metrics=["singular_values", "effective_rank"],
+        progress=None,
+        spectrum_groups=2,
+    )
     layers = ViTCapture(model).collect(images[:4])
     for layer in layers:
         sv = F.singular_values(layer.spatial_tokens, 2).double()  # groups (0, 1) and (2, 3)
@@ -179,10 +196,16 @@ def test_low_precision_model_is_reduced_in_float32(images):
     model32 = tiny_vit()
     model16 = tiny_vit().to(torch.bfloat16)
     data = batches(images, [7])
-    reference = analyze_model(model32, data, label="m", metrics=["nmi", "attention_distance", "token_cosine"],
-                              progress=None)
-    low = analyze_model(model16, [Batch(b.images.to(torch.bfloat16), b.labels) for b in data], label="m",
-                        metrics=["nmi", "attention_distance", "token_cosine"], progress=None)
+    reference = analyze_model(
+        model32, data, label="m", metrics=["nmi", "attention_distance", "token_cosine"], progress=None
+    )
+    low = analyze_model(
+        model16,
+        [Batch(b.images.to(torch.bfloat16), b.labels) for b in data],
+        label="m",
+        metrics=["nmi", "attention_distance", "token_cosine"],
+        progress=None,
+    )
     for row in reference.select(head=None):
         other = low.value(metric=row["metric"], layer=row["layer"], head=None)
         assert math.isfinite(other)
@@ -193,8 +216,13 @@ def test_cnn_gets_token_metrics_only():
     torch.manual_seed(0)
     cnn = timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    results = analyze_model(cnn, [images[:2], images[2:]], label="cnn", progress=None,
-                            metrics=["token_cosine", "fourier_high", "nmi", "head_cosine", "residual_ratio_attn"])
+    results = analyze_model(
+        cnn,
+        [images[:2], images[2:]],
+        label="cnn",
+        progress=None,
+        metrics=["token_cosine", "fourier_high", "nmi", "head_cosine", "residual_ratio_attn"],
+    )
     assert {r["metric"] for r in results.rows} == {"token_cosine", "fourier_high"}
     assert {r["layer"] for r in results.select(metric="token_cosine")} == set(range(1, len(cnn.feature_info) + 1))
 
@@ -202,8 +230,7 @@ def test_cnn_gets_token_metrics_only():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_matches_cpu_float32(model, images):
     cpu = analyze_model(model, batches(images, [7]), label="m", progress=None)
-    gpu = analyze_model(tiny_vit(), batches(images, [7]), label="m", device="cuda", dtype=torch.bfloat16,
-                        progress=None)
+    gpu = analyze_model(tiny_vit(), batches(images, [7]), label="m", device="cuda", dtype=torch.bfloat16, progress=None)
     for row in cpu.select(head=None, freq=None, index=None):
         other = gpu.value(metric=row["metric"], layer=row["layer"], head=None, freq=None, index=None)
         assert other == pytest.approx(row["value"], rel=0.05, abs=5e-3), (row["metric"], row["layer"])

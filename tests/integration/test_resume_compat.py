@@ -5,6 +5,7 @@ run of 8 steps stopped after its step-4 checkpoint (``run/``), and the encoder t
 uninterrupted (``final_encoder.safetensors``). Resuming it must be accepted (same settings, same
 state layout) and must land on those weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from vitscope.cli import main
 
-FIXTURE = Path(__file__).parent / "data" / "resume_v1"
+FIXTURE = Path(__file__).parents[1] / "data" / "resume_v1"
 
 
 def test_checkpoint_from_before_the_reorganisation_resumes(tmp_path: Path) -> None:

@@ -1,16 +1,28 @@
 """`vitscope capture` end to end on a tiny image folder with bad files."""
+
 from __future__ import annotations
 
 import re
 
-from tests.test_data import make_folder
+from tests.support.images import make_folder
 from vitscope.cli import main
 
 
 def test_capture_cli_prints_every_layer_and_skips(tmp_path, capsys):
     make_folder(tmp_path / "images")
-    code = main(["capture", "--model", "random:vit_tiny_patch16_224", "--data", f"folder:{tmp_path / 'images'}",
-                 "--num-images", "8", "--batch-size", "4"])
+    code = main(
+        [
+            "capture",
+            "--model",
+            "random:vit_tiny_patch16_224",
+            "--data",
+            f"folder:{tmp_path / 'images'}",
+            "--num-images",
+            "8",
+            "--batch-size",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "12 layers, 3 heads, 1 prefix tokens" in out

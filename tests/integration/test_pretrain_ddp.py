@@ -1,4 +1,5 @@
 """Two processes under torchrun (gloo, CPU): identical weights, global contrastive batch, disjoint shards."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys
     import torch
     import torch.distributed as dist
@@ -36,7 +37,7 @@ WORKER = textwrap.dedent('''
     with open(f"{out}/info{rank}.json", "w") as fh:
         json.dump(info, fh)
     dist.destroy_process_group()
-''')
+""")
 
 
 def _free_port() -> int:
@@ -49,15 +50,23 @@ def _free_port() -> int:
 def test_two_gloo_processes_train_one_model_on_a_global_batch(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     infos = [json.loads((tmp_path / f"info{r}.json").read_text()) for r in range(2)]
     assert [i["world"] for i in infos] == [2, 2]
-    assert all(i["logits_shape"] == [4, 8] for i in infos)   # local queries × global keys
-    assert infos[0]["losses"] == infos[1]["losses"]           # the logged loss is the all-reduced mean
+    assert all(i["logits_shape"] == [4, 8] for i in infos)  # local queries × global keys
+    assert infos[0]["losses"] == infos[1]["losses"]  # the logged loss is the all-reduced mean
     for step in range(3):
         a, b = set(infos[0]["shards"][step]), set(infos[1]["shards"][step])
         assert len(a) == len(b) == 4 and not a & b
@@ -70,6 +79,9 @@ def test_two_gloo_processes_train_one_model_on_a_global_batch(tmp_path: Path) ->
     from vitscope.pretrain.objectives import ObjectiveConfig, build_objective
 
     torch.manual_seed(0)
-    fresh = build_objective("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2,
-                            "num_heads": 2}, ObjectiveConfig(method="hybrid", mim="simmim", moco_dim=16, moco_mlp_dim=32))
+    fresh = build_objective(
+        "vit_tiny_patch16_224",
+        {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        ObjectiveConfig(method="hybrid", mim="simmim", moco_dim=16, moco_mlp_dim=32),
+    )
     assert not torch.equal(fresh.encoder.blocks[0].attn.qkv.weight, p0["encoder.blocks.0.attn.qkv.weight"])

@@ -1,4 +1,5 @@
 """Objectives, losses, augmentations and the data plan of vitscope.pretrain, on tiny ViTs (CPU)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,13 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from vitscope.pretrain import augment
-from vitscope.pretrain.objectives import (
-    MAE, MoCoV3, ObjectiveConfig, SimMIM, build_objective, mae_loss, mae_pixel_targets, moco_contrastive_loss,
-    moco_momentum, patchify, random_masking, simmim_loss, simmim_mask, sincos_pos_embed_2d, unpatchify,
-)
-from vitscope.pretrain import TrainConfig, TrainingDiverged, pretrain
+from vitscope.pretrain import TrainConfig, TrainingDiverged, augment, pretrain
 from vitscope.pretrain.batches import BatchPlan
+from vitscope.pretrain.objectives import (
+    MAE,
+    MoCoV3,
+    ObjectiveConfig,
+    SimMIM,
+    build_objective,
+    mae_loss,
+    mae_pixel_targets,
+    moco_contrastive_loss,
+    moco_momentum,
+    patchify,
+    random_masking,
+    simmim_loss,
+    simmim_mask,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from vitscope.pretrain.optim import warmup_cosine_lr
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -47,7 +60,7 @@ def _np_infonce(q: np.ndarray, k: np.ndarray, tau: float, rank: int) -> float:
     logits = q @ k.T / tau
     labels = np.arange(len(q)) + len(q) * rank
     m = logits.max(axis=1, keepdims=True)
-    log_z = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+    log_z = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
     return float(np.mean(log_z - logits[np.arange(len(q)), labels]) * 2 * tau)
 
 
@@ -106,7 +119,7 @@ def test_random_masking_keeps_lowest_noise_tokens() -> None:
     x = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1)
     noise = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]])
     kept, mask, restore = random_masking(x, noise, 0.75)
-    assert kept[0, :, 0].tolist() == [1.0, 5.0]          # the two lowest-noise tokens, in noise order
+    assert kept[0, :, 0].tolist() == [1.0, 5.0]  # the two lowest-noise tokens, in noise order
     assert kept[1, :, 0].tolist() == [8.0, 9.0]
     assert mask[0].tolist() == [1, 0, 1, 1, 1, 0, 1, 1]
     assert torch.equal(noise.argsort(1).gather(1, restore), torch.arange(8).expand(2, 8))
@@ -238,9 +251,19 @@ def test_batch_plan_shards_are_disjoint_and_cover_each_global_batch() -> None:
 
 # ------------------------------------------------------------------------------------ the trainer
 def _config(tmp_path, method: str = "simmim", **kw) -> TrainConfig:
-    base = dict(arch="vit_tiny_patch16_224", model_kwargs=TINY, data="fashion-mnist-subset", num_images=64,
-                steps=4, batch_size=8, lr=1e-3, save_every=2, out=str(tmp_path / "run"), progress=False,
-                objective=ObjectiveConfig(method=method, **HEADS))
+    base = dict(
+        arch="vit_tiny_patch16_224",
+        model_kwargs=TINY,
+        data="fashion-mnist-subset",
+        num_images=64,
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        save_every=2,
+        out=str(tmp_path / "run"),
+        progress=False,
+        objective=ObjectiveConfig(method=method, **HEADS),
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -1,12 +1,13 @@
 """Frequency-band noise: masks partition the spectrum, noise has the asked norm and stays in its band."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from vitscope.data import Batch
 from vitscope.analyses.noise import band_limited_noise, band_masks, noise_robustness, radial_frequency
+from vitscope.data import Batch
 
 
 @pytest.mark.parametrize("h, w, bands", [(32, 32, 6), (28, 20, 4), (7, 9, 3)])

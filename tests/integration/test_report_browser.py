@@ -1,4 +1,5 @@
 """report.html in headless Chromium: every section present and every embedded figure decoded."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fake_results import rendered_report_dir
+from tests.support.results import rendered_report_dir
 from vitscope.report import SECTIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,9 +34,18 @@ window.addEventListener('load', () => {
 
 
 def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=10000",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
@@ -69,11 +79,12 @@ def test_every_section_and_image_renders_in_chromium(report_dir, tmp_path):
 
 def test_screenshot_of_the_report(report_dir, tmp_path):
     shot = tmp_path / "report.png"
-    result = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400",
-                      (report_dir / "report.html").as_uri())
+    result = chromium(
+        tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", (report_dir / "report.html").as_uri()
+    )
     assert shot.exists(), f"no screenshot; chromium stderr: {result.stderr[-2000:]}"
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
     assert pixels.shape == (2400, 1280, 3)

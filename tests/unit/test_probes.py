@@ -1,4 +1,5 @@
 """Linear probes: separable features reach 100 %, shuffled labels stay at chance, batching = one by one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,21 +7,23 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import tiny_vit
+from tests.support.models import tiny_vit
+from vitscope.analyses import FeatureBank, ProbeConfig, fit_linear_probes, linear_probe, run_reducers
 from vitscope.capture import FeatureCapture, ViTCapture
 from vitscope.data import Batch
-from vitscope.analyses import run_reducers
-from vitscope.analyses import FeatureBank, ProbeConfig, fit_linear_probes, linear_probe
 
 FAST = ProbeConfig(epochs=30, lr=5e-2, batch_size=64, seed=0)
 
 
-def separable_layers(n: int, classes: int, width: int, seed: int, noise_seed: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def separable_layers(
+    n: int, classes: int, width: int, seed: int, noise_seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[2, n, width]: layer 0 is pure noise, layer 1 has well-separated class means (``seed``) plus
     small noise (``noise_seed``): linearly separable by construction."""
     means = torch.randn(classes, width, generator=torch.Generator().manual_seed(seed)) * 6
-    noise = torch.randn(2, n, width, generator=torch.Generator().manual_seed(seed if noise_seed is None else noise_seed))
+    noise = torch.randn(
+        2, n, width, generator=torch.Generator().manual_seed(seed if noise_seed is None else noise_seed)
+    )
     labels = torch.arange(n) % classes
     feats = noise.clone()
     feats[1] = means[labels] + 0.3 * noise[1] + 100.0  # large offset: standardisation must handle it
@@ -58,7 +61,7 @@ def test_same_seed_same_result_and_batched_equals_one_layer_at_a_time():
     other_seed = fit_linear_probes(train, labels, config=ProbeConfig(epochs=5, lr=1e-2, batch_size=32, seed=12))
     assert not torch.equal(first.weight, other_seed.weight)
     for layer in range(2):
-        alone = fit_linear_probes(train[layer:layer + 1], labels, config=config)
+        alone = fit_linear_probes(train[layer : layer + 1], labels, config=config)
         torch.testing.assert_close(alone.weight[0], first.weight[layer], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(alone.bias[0], first.bias[layer], rtol=1e-4, atol=1e-6)
 
@@ -77,7 +80,7 @@ def test_unlabelled_data_is_refused():
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, size: int) -> list[Batch]:
-    return [Batch(images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size)]
+    return [Batch(images[i : i + size], labels[i : i + size]) for i in range(0, len(images), size)]
 
 
 def test_feature_bank_holds_cls_and_gap_of_every_depth_and_feeds_a_classifier():
@@ -102,8 +105,9 @@ def test_feature_bank_holds_cls_and_gap_of_every_depth_and_feeds_a_classifier():
     expected = probes["gap"].logits(gap)[-1]
     torch.testing.assert_close(classifier(images), expected, rtol=1e-4, atol=1e-4)
     cls_classifier = probes["cls"].classifier(capture, depth=1)
-    torch.testing.assert_close(cls_classifier(images), probes["cls"].logits(bank.features("cls"))[1],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        cls_classifier(images), probes["cls"].logits(bank.features("cls"))[1], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_cnn_stages_of_different_width_are_padded_and_classifier_uses_true_width():
@@ -116,7 +120,7 @@ def test_cnn_stages_of_different_width_are_padded_and_classifier_uses_true_width
     assert bank.kinds == ["gap"]
     widths = bank.widths("gap")
     feats = bank.features("gap")
-    assert feats.shape[2] == max(widths) and (feats[0, :, widths[0]:] == 0).all()
+    assert feats.shape[2] == max(widths) and (feats[0, :, widths[0] :] == 0).all()
     _, probes = linear_probe(bank, bank, "resnet", config=ProbeConfig(epochs=2), progress=None)
     logits = probes["gap"].classifier(capture)(images)
     torch.testing.assert_close(logits, probes["gap"].logits(feats)[-1], rtol=1e-4, atol=1e-4)

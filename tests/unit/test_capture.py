@@ -1,4 +1,5 @@
 """Capture: attention, tokens and branches of one forward pass, checked against hand computation."""
+
 from __future__ import annotations
 
 import gc
@@ -10,7 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_vit
+from tests.support.models import tiny_vit
 from vitscope.capture import FeatureCapture, ViTCapture, make_capture, spatial_attention
 
 
@@ -38,8 +39,9 @@ def test_attention_equals_hand_softmax_and_blocks_equal_forward_intermediates(vi
         torch.testing.assert_close(layer.head_outputs, head_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.stream_in, x)
         # the two branches add up to the block output
-        torch.testing.assert_close(layer.stream_in + layer.attn_branch + layer.mlp_branch, layer.tokens,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            layer.stream_in + layer.attn_branch + layer.mlp_branch, layer.tokens, rtol=1e-5, atol=1e-5
+        )
         x = block(x)
         torch.testing.assert_close(layer.tokens, x)
     reference = vit.forward_intermediates(images, intermediates_only=True, norm=False, output_fmt="NLC")
@@ -48,23 +50,33 @@ def test_attention_equals_hand_softmax_and_blocks_equal_forward_intermediates(vi
 
 
 def test_beit_attention_includes_relative_position_bias():
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                              depth=2, num_heads=4, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-                              init_values=0.1).eval()
+    model = timm.create_model(
+        "beit_base_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        use_abs_pos_emb=False,
+        use_shared_rel_pos_bias=True,
+        init_values=0.1,
+    ).eval()
     with torch.no_grad():  # give the shared bias table non-zero values so that it matters
         model.rel_pos_bias.relative_position_bias_table.normal_(0, 1.0)
     images = torch.randn(2, 3, 32, 32)
     layers = ViTCapture(model).collect(images)
     block, x = model.blocks[0], layers[0].tokens
     attn = block.attn
-    b, t, c = x.shape
+    b, t, _c = x.shape
     qkv_bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
     qkv = F.linear(block.norm1(x), attn.qkv.weight, qkv_bias).reshape(b, t, 3, 4, -1).permute(2, 0, 3, 1, 4)
     logits = qkv[0] @ qkv[1].transpose(-1, -2) * attn.scale + model.rel_pos_bias()
     torch.testing.assert_close(layers[1].attn, logits.softmax(-1), rtol=1e-5, atol=1e-6)
     # layer scale (gamma_1) is part of the attention branch
-    assert torch.allclose(layers[1].stream_in + layers[1].attn_branch + layers[1].mlp_branch, layers[1].tokens,
-                          atol=1e-5)
+    assert torch.allclose(
+        layers[1].stream_in + layers[1].attn_branch + layers[1].mlp_branch, layers[1].tokens, atol=1e-5
+    )
 
 
 def test_fused_attention_restored_after_capture_and_after_error(vit):
@@ -213,8 +225,7 @@ def test_peak_rss_grows_by_about_one_block(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
     def growth(mode: str) -> float:
-        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True,
-                             env=env)
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True, env=env)
         return float(out.stdout.strip().splitlines()[-1])
 
     streamed, kept = growth("drop"), growth("keep")

@@ -1,4 +1,5 @@
 """Fine-tuning a pretrained encoder: file: specs via encoder.json, layer-wise lr decay, accuracy, resume."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from safetensors.torch import load_file
 
 import vitscope.pretrain.finetuning as ft
 from vitscope.pretrain.finetuning import FinetuneConfig, finetune, load_encoder
-from vitscope.pretrain.optim import layer_decay_groups
 from vitscope.pretrain.objectives import create_encoder
+from vitscope.pretrain.optim import layer_decay_groups
 from vitscope.pretrain.trainer import TrainConfig, export_encoder
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -78,9 +79,21 @@ def test_layer_decay_groups_scale_by_depth() -> None:
 def _config(tmp_path: Path, spec: str, train: str, test: str, **kw) -> FinetuneConfig:
     # a random-init encoder pools stripes of either orientation to nearly the same CLS token at first
     # (uniform attention averages the patches), so this needs a brisk learning rate and whole-image crops
-    base = dict(model=spec, data=train, test_data=test, epochs=12, batch_size=8, lr=1e-2, layer_decay=0.75,
-                warmup_epochs=0.5, crop_min_scale=1.0, drop_path=0.0, out=str(tmp_path / "ft"), progress=False,
-                save_every=100)
+    base = dict(
+        model=spec,
+        data=train,
+        test_data=test,
+        epochs=12,
+        batch_size=8,
+        lr=1e-2,
+        layer_decay=0.75,
+        warmup_epochs=0.5,
+        crop_min_scale=1.0,
+        drop_path=0.0,
+        out=str(tmp_path / "ft"),
+        progress=False,
+        save_every=100,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -116,7 +129,9 @@ def test_finetune_resume_is_bit_identical(tmp_path: Path, monkeypatch) -> None:
         finetune(_config(tmp_path, spec, train, test, epochs=2, save_every=2, out=str(tmp_path / "b")))
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(ft, "backward_and_step", real)
-    resumed = finetune(_config(tmp_path, spec, train, test, epochs=2, save_every=2, out=str(tmp_path / "b"), resume=True))
+    resumed = finetune(
+        _config(tmp_path, spec, train, test, epochs=2, save_every=2, out=str(tmp_path / "b"), resume=True)
+    )
     assert resumed.top1 == reference.top1
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

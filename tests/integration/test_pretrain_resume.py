@@ -1,4 +1,5 @@
 """A pretraining run killed with SIGKILL resumes from its last checkpoint and ends bit-identical."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,47 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscope.commands.pretrain import build_config
 from vitscope.cli import build_parser
+from vitscope.commands.pretrain import build_config
 from vitscope.pretrain.trainer import pretrain
 
 ARGS = [
-    "pretrain", "--method", "hybrid", "--mim", "mae", "--model", "vit_tiny_patch16_224",
-    "--model-kwargs", json.dumps({"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
-    "--data", "fashion-mnist-subset", "--num-images", "96", "--steps", "16", "--batch-size", "8", "--lr", "1e-3",
-    "--save-every", "3", "--moco-dim", "32", "--moco-mlp-dim", "64", "--decoder-dim", "32", "--decoder-depth", "1",
-    "--decoder-heads", "2", "--no-progress", "--seed", "3", "--threads", "1",
+    "pretrain",
+    "--method",
+    "hybrid",
+    "--mim",
+    "mae",
+    "--model",
+    "vit_tiny_patch16_224",
+    "--model-kwargs",
+    json.dumps({"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    "--data",
+    "fashion-mnist-subset",
+    "--num-images",
+    "96",
+    "--steps",
+    "16",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--save-every",
+    "3",
+    "--moco-dim",
+    "32",
+    "--moco-mlp-dim",
+    "64",
+    "--decoder-dim",
+    "32",
+    "--decoder-depth",
+    "1",
+    "--decoder-heads",
+    "2",
+    "--no-progress",
+    "--seed",
+    "3",
+    "--threads",
+    "1",
 ]
 
 
@@ -69,7 +101,9 @@ def test_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
     state_a = torch.load(reference / "train_state.pt", weights_only=True)
     state_b = torch.load(killed / "train_state.pt", weights_only=True)
     assert state_a["step"] == state_b["step"] == 16
-    assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])  # heads, momentum encoder
+    assert all(
+        torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"]
+    )  # heads, momentum encoder
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(16))  # log truncated to the checkpoint, then continued
     meta = json.loads((killed / "encoder.json").read_text())
