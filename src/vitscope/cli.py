@@ -12,6 +12,7 @@ import importlib.util
 import sys
 
 from vitscope.commands.common import CommandError
+from vitscope.pretrain.loop import TrainingDiverged
 
 # name -> (module, one-line help). Modules are imported only when listed or run.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(modules[args.command])
     try:
         return int(module.run(args) or 0)
+    except TrainingDiverged as err:  # the run stopped cleanly; its last good checkpoint is kept
+        print(f"vitscope {args.command}: {err}")
+        return 3
     except CommandError as err:
         print(f"vitscope {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -165,7 +165,7 @@ def model_rows(model: str, profile: Mapping[str, list[float]], skip: set[str]) -
     if "fourier_delta" not in skip:
         for layer in range(depth + 1):
             high = profile["fourier_high"][max(layer - 1, 0)]
-            curve = high * np.linspace(0.0, 1.0, GRID[0] - GRID[0] // 2)  # h − h//2 values (SPEC)
+            curve = high * np.linspace(0.0, 1.0, GRID[0] - GRID[0] // 2)  # h − h//2 values (docs/metrics.md)
             rows += [make_row(model, "fourier_delta", layer, v, freq=f) for f, v in enumerate(curve)]
     if "singular_values" not in skip:
         for layer in range(depth + 1):

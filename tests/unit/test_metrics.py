@@ -1,4 +1,4 @@
-"""The metric functions against hand-computed cases and a plain float64 numpy reading of SPEC.md."""
+"""The metric functions against hand-computed cases and a plain float64 numpy reading of docs/metrics.md."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from vitscope.metrics import (
 )
 
 
-# ------------------------------------------------------------ plain numpy references (SPEC, with loops)
+# ------------------------------------------------------------ plain numpy references (the definitions, with loops)
 def np_distance(attn: np.ndarray, grid: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
     b, heads, n, _ = attn.shape
     _h, w = grid

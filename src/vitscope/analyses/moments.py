@@ -206,7 +206,7 @@ class FourierReducer(MomentsReducer):
     """fourier_delta (curve over ``freq``) and fourier_high (its last value), depths 0..L.
 
     Per image: log amplitude along the diagonal, mean over channels, minus its zero-frequency
-    value; the mean over images of these curves is SPEC's curve (the operations after the log are
+    value; the mean over images of these curves is the defined curve (the operations after the log are
     linear), and their spread gives the standard errors.
     """
 

@@ -12,7 +12,7 @@ from vitscope.commands.common import (
     CommandError,
     non_negative_int,
     positive_int,
-    print_skipped,
+    save_analysis,
     skipped_summary,
     verdict_and_report,
 )
@@ -106,15 +106,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
     output.results.meta["roles"] = roles
-    run_dir = RunDirectory(out_dir)
-    run_dir.save_results(output.results)
-    run_dir.save_arrays(output.arrays)
+    save_analysis(output, out_dir)
     meta = output.results.meta
     print(
         f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
         f"in {meta['wall_time_s']:.1f} s; {skipped_summary(meta['skipped'])}"
     )
-    print_skipped(meta["skipped"])
     for note in meta["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(f"results: {out_dir / RunDirectory.METRICS_CSV}")

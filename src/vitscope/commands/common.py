@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from vitscope.results import Results, RunDirectory
 
@@ -27,26 +28,24 @@ class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (at least 1), got {value}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type for integers ≥ ``minimum``; argparse names the flag in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what} (at least {minimum}), got {value}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def json_object(text: str) -> dict:
@@ -66,6 +65,16 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def save_analysis(output: Any, out_dir: Path) -> RunDirectory:
+    """Write an :class:`~vitscope.analyses.AnalysisOutput` (rows, metadata, arrays) to ``out_dir`` and list
+    the files it skipped."""
+    run_dir = RunDirectory(out_dir)
+    run_dir.save_results(output.results)
+    run_dir.save_arrays(output.arrays)
+    print_skipped(output.results.meta["skipped"])
+    return run_dir
 
 
 def open_results(directory: str) -> tuple[RunDirectory, Results]:

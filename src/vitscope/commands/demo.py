@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 from vitscope.analyses import AnalysisConfig, analyze
-from vitscope.commands.common import CommandError, positive_int, print_skipped, verdict_and_report
+from vitscope.commands.common import CommandError, positive_int, save_analysis, verdict_and_report
 from vitscope.models import cards
-from vitscope.results import Results, RunDirectory
+from vitscope.results import Results
 
 BUNDLED_NAMES = ("moco", "simmim", "mae", "hybrid")
 ROLES = {"cl": "moco", "mim": "simmim", "control": "random", "hybrid": "hybrid"}
@@ -72,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
     output.results.meta["roles"] = ROLES
-    run_dir = RunDirectory(out_dir)
-    run_dir.save_results(output.results)
-    run_dir.save_arrays(output.arrays)
-    print_skipped(output.results.meta["skipped"])
+    save_analysis(output, out_dir)
     print(probe_table(output.results, list(models)))
     print(
         f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "

@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitscope.pretrain import FinetuneConfig, TrainingDiverged, finetune
+    from vitscope.pretrain import FinetuneConfig, finetune
 
     config = FinetuneConfig(
         model=args.model,
@@ -84,11 +84,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     set_threads(args.threads)
-    try:
-        result = finetune(config)
-    except TrainingDiverged as err:
-        print(f"vitscope finetune: {err}")
-        return 3
+    result = finetune(config)
     if result.env.is_main:
         scores = ", ".join(f"{acc:.4f}" for acc in result.top1)
         print(f"finetune: top-1 per epoch [{scores}]; model at {result.out / 'model.safetensors'}")

@@ -139,15 +139,11 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitscope.pretrain import TrainingDiverged, pretrain
+    from vitscope.pretrain import pretrain
 
     config = build_config(args)
     set_threads(args.threads)
-    try:
-        result = pretrain(config)
-    except TrainingDiverged as err:
-        print(f"vitscope pretrain: {err}")
-        return 3
+    result = pretrain(config)
     if result.env.is_main:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a (already complete)"
         print(

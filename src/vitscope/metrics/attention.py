@@ -128,7 +128,7 @@ def nmi_from_parts(row_kl: Tensor, marginal: Tensor) -> Tensor:
 
 
 def attention_nmi(attn: Tensor) -> Tensor:
-    """Normalised mutual information between query and key, [B, H] (SPEC: p(q) = 1/N)."""
+    """Normalised mutual information between query and key, [B, H], with p(q) = 1/N (docs/metrics.md)."""
     check_attention(attn)
     return nmi_from_parts(mean_row_kl_to_uniform(attn), key_marginal(attn))
 
