@@ -44,6 +44,7 @@ from vitscope.data import (
     collate_views,
     dataset_labels,
     distinct_views,
+    input_normalisation,
     open_dataset,
     split_choices,
     stratified_subset,
@@ -389,7 +390,7 @@ def _example_image(entries: list[_Model], test_set: Dataset, test_choice: Strati
             break
     if image is None:
         return {}
-    data_config = timm.data.resolve_data_config({}, model=entries[0].model)
-    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    mean_values, std_values = input_normalisation(entries[0].model)
+    mean = torch.tensor(mean_values).view(-1, 1, 1)
+    std = torch.tensor(std_values).view(-1, 1, 1)
     return {"example_image": (image * std + mean).clamp(0, 1).numpy()}

@@ -23,7 +23,15 @@ from vitscope.data.subsets import (
     stratified_choice,
     stratified_subset,
 )
-from vitscope.data.transforms import MultiView, build_transform, distinct_views, model_input_size
+from vitscope.data.transforms import (
+    MultiView,
+    Preprocess,
+    attach_preprocess,
+    build_transform,
+    distinct_views,
+    input_normalisation,
+    model_input_size,
+)
 
 __all__ = [
     "Batch",
@@ -40,6 +48,9 @@ __all__ = [
     "stratified_subset",
     "build_transform",
     "model_input_size",
+    "Preprocess",
+    "attach_preprocess",
+    "input_normalisation",
     "make_loader",
     "collate_skipping",
     "collate_views",

@@ -1,13 +1,48 @@
-"""Each model's own eval transform, from its timm data config."""
+"""Each model's own eval transform: the one its loader attached (Hugging Face and OpenCLIP models bring
+their own preprocessing), else the one timm's data config describes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["model_input_size", "build_transform", "MultiView", "distinct_views"]
+__all__ = [
+    "Preprocess",
+    "attach_preprocess",
+    "model_input_size",
+    "build_transform",
+    "input_normalisation",
+    "MultiView",
+    "distinct_views",
+]
+
+_ATTRIBUTE = "vitscope_preprocess"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become a model's input: the eval transform (PIL image -> [3, H, W] tensor), and the
+    mean and std it normalises with (to show an input image again)."""
+
+    transform: Callable[[Any], torch.Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __repr__(self) -> str:  # models with the same pipeline share one view of each image
+        return f"Preprocess({self.transform!r}, mean={self.mean}, std={self.std})"
+
+
+def attach_preprocess(model: torch.nn.Module, preprocess: Preprocess) -> None:
+    """Give a model its own preprocessing (loaders of non-timm models call this)."""
+    object.__setattr__(model, _ATTRIBUTE, preprocess)
+
+
+def _attached(model: torch.nn.Module) -> Preprocess | None:
+    found = getattr(model, _ATTRIBUTE, None)
+    return found if isinstance(found, Preprocess) else None
 
 
 def model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
@@ -20,20 +55,34 @@ def model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def build_transform(model: torch.nn.Module, input_size: tuple[int, int] | None = None) -> Callable:
-    """Eval transform from the model's own data config (timm ``resolve_data_config``).
+    """The model's eval transform: the one its loader attached, else timm's (``resolve_data_config``).
 
-    The input size is the one the model was built with (a ViT created with ``img_size=32`` gets 32 px,
+    With timm's, the input size is the one the model was built with (a ViT created with ``img_size=32`` gets 32 px,
     whatever its pretrained config says) unless ``input_size`` overrides it. Small inputs (≤ 64 px)
     are resized without a centre crop, since cropping a 28 px image loses the object.
     """
     from timm.data import create_transform, resolve_data_config
 
+    attached = _attached(model)
+    if attached is not None and input_size is None:
+        return attached.transform
     config = resolve_data_config({}, model=model)
     size = input_size or model_input_size(model) or tuple(config["input_size"][1:])
     config["input_size"] = (3, int(size[0]), int(size[1]))
     if max(size) <= 64:
         config["crop_pct"] = 1.0
     return create_transform(**config, is_training=False)
+
+
+def input_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model's inputs are normalised with."""
+    from timm.data import resolve_data_config
+
+    attached = _attached(model)
+    if attached is not None:
+        return attached.mean, attached.std
+    config = resolve_data_config({}, model=model)
+    return tuple(config["mean"]), tuple(config["std"])
 
 
 class MultiView:

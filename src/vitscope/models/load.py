@@ -17,6 +17,10 @@
   or with a model card (``encoder.json``, :mod:`.cards`) beside it as ``vitscope pretrain`` writes;
   PATH may also be a run directory holding ``encoder.safetensors``.
 - ``bundled:NAME``: a model shipped in ``vitscope/bundled/`` (see :mod:`.cards`).
+- ``hf:REPO_ID_OR_DIR``: a Hugging Face ``transformers`` vision encoder from a ``save_pretrained``
+  directory or the local Hugging Face cache (:mod:`.hf`; extra ``vitscope[hf]``).
+- ``open_clip:ARCH?pretrained=FILE``: the visual tower of an OpenCLIP model (:mod:`.openclip`; extra
+  ``vitscope[openclip]``).
 
 Options common to all: ``strict`` (default True: a weight left at random init, an unused or
 mis-shaped checkpoint weight is an error naming the keys), ``seed``; the remaining keyword arguments
@@ -76,6 +80,14 @@ def load_model(spec: str | ModelSpec, **options: Any) -> nn.Module:
         model, report = _load_official(parsed, opts, strict, seed)
     elif parsed.kind == "file":
         model, report = _load_file(parsed, Path(parsed.target), opts, strict, seed)
+    elif parsed.kind == "hf":
+        from vitscope.models.hf import load_hf
+
+        model, report = load_hf(parsed, opts, strict, seed)
+    elif parsed.kind == "open_clip":
+        from vitscope.models.openclip import load_open_clip
+
+        model, report = load_open_clip(parsed, opts, strict, seed)
     else:  # bundled
         model, report = _load_bundled(parsed, opts, strict, seed)
     model.eval()

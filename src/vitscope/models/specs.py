@@ -18,8 +18,16 @@ from typing import Any
 __all__ = ["ModelSpec", "parse_spec", "KINDS", "CHECKPOINT_KINDS"]
 
 CHECKPOINT_KINDS = ("moco-v3", "mae", "simmim", "dino", "beit")
-KINDS = ("timm", "random", *CHECKPOINT_KINDS, "file", "bundled")
-_ALIASES = {"mocov3": "moco-v3", "moco_v3": "moco-v3", "moco": "moco-v3"}
+KINDS = ("timm", "random", *CHECKPOINT_KINDS, "file", "bundled", "hf", "open_clip")
+_ALIASES = {
+    "mocov3": "moco-v3",
+    "moco_v3": "moco-v3",
+    "moco": "moco-v3",
+    "huggingface": "hf",
+    "transformers": "hf",
+    "openclip": "open_clip",
+    "open-clip": "open_clip",
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class ModelSpec:
     @property
     def label(self) -> str:
         """A short display name: the timm name, or the file name for checkpoints."""
-        if self.kind in ("timm", "random", "bundled"):
+        if self.kind in ("timm", "random", "bundled", "hf", "open_clip"):
             return f"{self.kind}:{self.target}"
         return f"{self.kind}:{self.target.replace(chr(92), '/').rsplit('/', 1)[-1]}"
 
