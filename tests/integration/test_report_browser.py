@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.support.results import rendered_report_dir
+from tests.support.runs import rendered_report_dir
 from vitscope.report import SECTIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -272,25 +272,6 @@ def write_results_dir(
     return out
 
 
-ROLES = {"cl": "cl", "mim": "mim", "control": "control", "hybrid": "hybrid"}
-_RENDERED: list[Path] = []
-
-
-def rendered_report_dir(tmp_path_factory) -> Path:
-    """The realistic results directory with claims.json and report.html, rendered once per session
-    (rendering every figure as PNG and SVG is the slow part of the report tests)."""
-    from vitscope.report import Roles, evaluate_claims, render_report, save_claims
-
-    if _RENDERED and (_RENDERED[0] / "report.html").exists():
-        return _RENDERED[0]
-    out = write_results_dir(tmp_path_factory.mktemp("realistic_report"))
-    results = Results.load(out)
-    save_claims(out, evaluate_claims(results, **ROLES), Roles(**ROLES))
-    render_report(out)
-    _RENDERED[:] = [out]
-    return out
-
-
 def only(results: Results, *metrics: str) -> Results:
     """The rows of ``metrics`` only, with the same metadata."""
     return Results([r for r in results.rows if r["metric"] in metrics], results.meta)

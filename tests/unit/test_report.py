@@ -1,8 +1,10 @@
-"""Figures and the self-contained HTML report, rendered from hand-made results directories."""
+"""Figures and the self-contained HTML report: rendered from a real `vitscope analyze` run, and figure
+functions checked on hand-made rows whose values are known."""
 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 
@@ -19,9 +21,9 @@ from tests.support.results import (
     make_arrays,
     make_results,
     only,
-    rendered_report_dir,
     write_results_dir,
 )
+from tests.support.runs import MODELS, rendered_report_dir
 from vitscope.report import SECTIONS, render_report
 from vitscope.report.figures import build_figures, fig_attention_maps, fig_cka, layer_curve, model_colors
 from vitscope.report.series import ResultView
@@ -44,10 +46,9 @@ EXPECTED_FIGURES = (
         "noise_robustness",
         "linear_probe",
         "tsne",
-        "cka_cl_vs_cl",
-        "cka_cl_vs_resnet",
         "residual_ratio",
     ]
+    + [f"cka_{a}_vs_{b}" for i, a in enumerate(MODELS) for b in list(MODELS)[i:]]
     + [f"attention_maps_{m}" for m in VIT]
     + [f"localisation_{m}" for m in VIT]
 )
@@ -95,20 +96,26 @@ def test_report_is_self_contained(report_dir):
 
 def test_report_shows_the_run_summary_and_the_claims_table(report_dir):
     page = (report_dir / "report.html").read_text()
+    meta = RunDirectory(report_dir).load_results().meta
     summary = page.split('<section id="summary">')[1].split("</section>")[0]
     for text in (
-        "folder:/data/imagenette-val",
-        "timm:resnet18",
-        "torch 2.14.1",
-        "12.5 s",
-        "64",
-        "/data/imagenette-val/broken.jpg",
-        "attention metrics skipped for resnet: not a transformer",
+        meta["data"],
+        "random:resnet18",
+        f"torch {meta['versions']['torch']}",
+        f"{meta['wall_time_s']:.1f} s",
+        "broken.png",
+        "4×4",  # the ViTs' grid
+        "8×8 → 4×4",  # Swin's two stages
+        "windows 4×4",
+        "resnet: no attention",
+        "swin: hierarchical, attention within windows",
     ):
-        assert text in summary
+        assert text in summary, text
     claims = page.split('<section id="claims">')[1].split("</section>")[0]
-    assert claims.count('<span class="status holds">holds</span>') == 7
-    assert "late attention distance: CL cl 16.5 px vs MIM mim 5.2 px" in claims
+    saved = json.loads((report_dir / "claims.json").read_text())
+    statuses = re.findall(r'<span class="status [a-z-]+">([a-z ]+)</span>', claims)
+    assert statuses == [v["status"] for v in saved["verdicts"]] and len(statuses) == 7
+    assert "late attention distance: CL cl" in claims
 
 
 def test_attention_distance_figure_plots_layer_means_over_per_head_dots():

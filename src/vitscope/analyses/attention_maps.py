@@ -35,6 +35,9 @@ class AttentionMaps(Reducer):
         if not self.queries:
             spots = [(h // 2, w // 2), (h // 4, w // 4), (3 * h // 4, 3 * w // 4), (h // 4, 3 * w // 4)]
             self.queries = spots[: self.num_queries]
+        if layer.window is not None:  # attention within windows: no whole-grid map to show (drawn blank)
+            self.maps.append(torch.full((len(self.queries), h, w), float("nan")))
+            return
         rows = torch.tensor([r * w + c for r, c in self.queries], device=attn.device)
         self.maps.append(attn[0].float().mean(dim=0)[rows].reshape(len(rows), h, w).cpu())
 

@@ -36,6 +36,8 @@ class ModelPass:
     reducers: list[Reducer] = field(default_factory=list)
     view: int = 0
     image_hw: tuple[int, int] | None = None  # the input size seen, set by the first batch
+    layouts: dict[int, tuple[tuple[int, int], tuple[int, int] | None]] = field(default_factory=dict)
+    # depth -> (token grid, attention window or None), as the first batch showed them
 
 
 def as_batches(loader: Iterable) -> Iterable[list[Batch]]:
@@ -64,6 +66,8 @@ def _run_one(model: ModelPass, batch: Batch, device: str | torch.device, dtype: 
     reducers = model.reducers
 
     def feed(layer: LayerOutput) -> None:
+        if layer.depth not in model.layouts:
+            model.layouts[layer.depth] = (layer.grid, layer.window)
         for reducer in reducers:
             reducer.update(layer)
 

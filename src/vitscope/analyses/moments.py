@@ -85,6 +85,9 @@ BRANCH_METRICS = ("residual_ratio_attn", "residual_ratio_mlp")  # need the resid
 class AttentionReducer(MomentsReducer):
     """attention_distance, nmi and attention_entropy from one spatial attention per block.
 
+    Windowed attention (Swin, SAM) is measured within each window, on the window's grid, and averaged
+    over an image's windows.
+
     Ã is built once per block (renormalised, contiguous, float32) and shared by the three metrics;
     the mean row KL to uniform (log N − entropy) is computed once for both NMI and entropy.
     """
@@ -94,16 +97,17 @@ class AttentionReducer(MomentsReducer):
     def update(self, layer: LayerOutput) -> None:
         if layer.attn is None:
             return
-        probs = spatial_attention_for_reduction(layer.attn, layer.num_prefix_tokens)
+        prefix = layer.num_prefix_tokens if layer.window is None else 0  # windows hold spatial tokens only
+        probs = spatial_attention_for_reduction(layer.attn, prefix)
         if self.wants("attention_distance"):
-            self.add_per_head(
-                "attention_distance", layer.depth, attention_distance(probs, layer.grid, layer.patch_size)
-            )
+            distance = attention_distance(probs, layer.attention_grid, layer.patch_size)
+            self.add_per_head("attention_distance", layer.depth, layer.per_image(distance))
         if self.wants("nmi", "attention_entropy"):
             row_kl = mean_row_kl_to_uniform(probs)
-            self.add_per_head("attention_entropy", layer.depth, entropy_from_parts(row_kl, probs.shape[-1]))
+            entropy = entropy_from_parts(row_kl, probs.shape[-1])
+            self.add_per_head("attention_entropy", layer.depth, layer.per_image(entropy))
             if self.wants("nmi"):
-                self.add_per_head("nmi", layer.depth, nmi_from_parts(row_kl, key_marginal(probs)))
+                self.add_per_head("nmi", layer.depth, layer.per_image(nmi_from_parts(row_kl, key_marginal(probs))))
         del probs
 
 
@@ -118,14 +122,15 @@ class TokenCosineReducer(MomentsReducer):
 
 
 class HeadCosineReducer(MomentsReducer):
-    """head_cosine: per token, mean cosine between distinct heads' outputs Ã_h·V_h; blocks 1..L."""
+    """head_cosine: per token, mean cosine between distinct heads' outputs A_h·V_h (over all keys, prefix
+    tokens included: what the heads contribute); blocks 1..L."""
 
     names = ("head_cosine",)
 
     def update(self, layer: LayerOutput) -> None:
         heads = layer.spatial_head_outputs
         if heads is not None and heads.shape[1] >= 2:
-            self.add("head_cosine", layer.depth, head_cosine_similarity(heads))
+            self.add("head_cosine", layer.depth, layer.per_image(head_cosine_similarity(heads)))
 
 
 class DepthCosineReducer(MomentsReducer):
@@ -275,7 +280,7 @@ def metric_reducers(
     reducers: list[Reducer] = []
     for family in _FAMILIES:
         names = asked & set(family.names)
-        if not names or (facts.kind != "vit" and family in _TRANSFORMER_ONLY):
+        if not names or (facts.kind == "cnn" and family in _TRANSFORMER_ONLY):
             continue
         if family is SpectrumReducer:
             reducers.append(SpectrumReducer(names, images_per_group=images_per_group, max_groups=spectrum_groups))

@@ -183,22 +183,41 @@ def _loader(dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig) 
 
 
 def _model_meta(entry: _Model) -> dict:
+    """What the report and the claims need to know about a model, from its facts and the layers it yielded."""
     facts = entry.run.capture.facts
     image_hw = entry.run.image_hw or (0, 0)
-    grid = facts.grid_for(image_hw) if facts.kind == "vit" else None
+    layouts = [entry.run.layouts[depth] for depth in sorted(entry.run.layouts)]
+    grids = [list(grid) for grid, _ in layouts]
+    windows = [list(window) if window else None for _, window in layouts]
+    keys: list[int | None] = []
+    for (grid, window), depth in zip(layouts, sorted(entry.run.layouts)):
+        attends = facts.kind != "cnn" and depth > 0
+        area = window[0] * window[1] if window else grid[0] * grid[1]
+        keys.append(area if attends else None)
+    last = grids[-1] if grids else None
     return {
         "spec": entry.spec,
         "kind": facts.kind,
         "num_layers": facts.num_layers,
         "num_heads": facts.num_heads,
         "num_prefix_tokens": facts.num_prefix_tokens,
-        "grid": list(grid) if grid else None,
+        "grid": last,
+        "grids": grids,
+        "windows": windows,
+        "attention_keys": keys,
         "patch_size": list(facts.patch_size),
-        "num_tokens": grid[0] * grid[1] if grid else None,
+        "num_tokens": last[0] * last[1] if last else None,
         "input_size": list(image_hw),
         "has_class_token": facts.has_class_token,
         "parameters": sum(p.numel() for p in entry.model.parameters()),
     }
+
+
+def _model_note(entry: _Model) -> str:
+    if entry.run.capture.facts.kind == "cnn":
+        return f"{entry.label}: no attention (stages of a CNN or conv hybrid); token metrics, probes and CKA computed"
+    return (f"{entry.label}: hierarchical, attention within windows; attention metrics are per window on the window's "
+            "grid, spatial localisation and attention maps are not drawn")  # fmt: skip
 
 
 def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None) -> AnalysisOutput:
@@ -231,11 +250,7 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
         seed=config.seed,
     )
     _attach_reducers(entries, wanted, config)
-    notes = [
-        f"{entry.label}: not a transformer; attention metrics skipped, token metrics and CKA computed"
-        for entry in entries
-        if entry.run.capture.facts.kind != "vit"
-    ]
+    notes = [_model_note(entry) for entry in entries if entry.run.capture.facts.kind != "vit"]
 
     skips = SkipCounter()
     seen = run_lockstep(

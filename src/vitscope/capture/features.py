@@ -49,19 +49,34 @@ class FeatureCapture(Capture):
             layer_names=tuple(module_names),
         )
 
+    def _as_tokens(
+        self, depth: int, output: Tensor, image_hw: tuple[int, int], stride: int
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """A stage's output as tokens [B, h·w, C] and its grid: [B, C, H, W] maps, or tokens [B, N, C] (LeViT)
+        whose N fits the stage's stride. Anything else is an error, not a guess."""
+        sizes = {(-(-image_hw[0] // stride), -(-image_hw[1] // stride)), (image_hw[0] // stride, image_hw[1] // stride)}
+        name = self.module_names[depth - 1]
+        if output.ndim == 4 and (int(output.shape[2]), int(output.shape[3])) in sizes:
+            return output.flatten(2).transpose(1, 2), (int(output.shape[2]), int(output.shape[3]))
+        if output.ndim == 3:
+            for grid in sorted(sizes):
+                if grid[0] * grid[1] == output.shape[1]:
+                    return output, grid
+        raise RuntimeError(
+            f"{name} gave shape {tuple(output.shape)}; for input {image_hw} and stride {stride} vitscope expects "
+            f"feature maps [B, C, H, W] or tokens [B, N, C] on a grid of {sorted(sizes)}"
+        )
+
     def run(self, images: Tensor, on_layer: OnLayer, *, grad: bool = False) -> Tensor:
         modules = dict(self.model.named_modules())
         handles = []
 
+        image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+
         def make_hook(depth: int, stride: int) -> Callable:
             def hook(_m: nn.Module, _args: tuple, output: Tensor) -> None:
-                if output.ndim != 4:
-                    raise RuntimeError(
-                        f"{self.module_names[depth - 1]} gave shape {tuple(output.shape)}, expected [B, C, H, W]"
-                    )
-                _b, _c, h, w = output.shape
-                tokens = output.flatten(2).transpose(1, 2)
-                on_layer(LayerOutput(depth, tokens, (h, w), 0, (stride, stride)))
+                tokens, grid = self._as_tokens(depth, output, image_hw, stride)
+                on_layer(LayerOutput(depth, tokens, grid, 0, (stride, stride)))
 
             return hook
 

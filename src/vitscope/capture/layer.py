@@ -47,6 +47,9 @@ class LayerOutput:
         attn_branch: what the attention branch adds to the stream (layer scale applied) [B, T, C].
         mlp_branch: what the MLP branch adds to the stream [B, T, C].
         has_class_token: whether ``tokens[:, 0]`` is a class token (registers alone are not).
+        window: (wh, ww) when the block attends within windows (Swin, SAM): then ``attn`` is
+            [B·W, H, n, n] and ``head_outputs`` [B·W, H, n, D] over the n = wh·ww tokens of each window
+            (row-major inside it), W windows per image; None for attention over the whole grid.
     """
 
     depth: int
@@ -60,6 +63,7 @@ class LayerOutput:
     attn_branch: Tensor | None = None
     mlp_branch: Tensor | None = None
     has_class_token: bool = False
+    window: tuple[int, int] | None = None
 
     @property
     def spatial_tokens(self) -> Tensor:
@@ -68,15 +72,31 @@ class LayerOutput:
 
     @property
     def spatial_attn(self) -> Tensor | None:
-        """[B, H, N, N]: attention without prefix rows/columns, rows renormalised to sum 1."""
-        return None if self.attn is None else spatial_attention(self.attn, self.num_prefix_tokens)
+        """[B, H, N, N]: attention without prefix rows/columns, rows renormalised to sum 1
+        ([B·W, H, n, n] per window for windowed attention, which has no prefix tokens)."""
+        if self.attn is None or self.window is not None:
+            return self.attn
+        return spatial_attention(self.attn, self.num_prefix_tokens)
 
     @property
     def spatial_head_outputs(self) -> Tensor | None:
-        """[B, H, N, D]: per-head outputs at the spatial query positions (A·V over all keys)."""
-        if self.head_outputs is None:
-            return None
+        """[B, H, N, D]: per-head outputs at the spatial query positions (A·V over all keys)
+        ([B·W, H, n, D] per window for windowed attention)."""
+        if self.head_outputs is None or self.window is not None:
+            return self.head_outputs
         return self.head_outputs[:, :, self.num_prefix_tokens :]
+
+    @property
+    def attention_grid(self) -> tuple[int, int]:
+        """The grid attention distances are measured on: the window's, else the whole grid."""
+        return self.window if self.window is not None else self.grid
+
+    def per_image(self, values: Tensor) -> Tensor:
+        """Per-window values [B·W, ...] averaged to per-image values [B, ...] (as they are without windows)."""
+        batch = self.tokens.shape[0]
+        if self.window is None or values.shape[0] == batch:
+            return values
+        return values.reshape(batch, values.shape[0] // batch, *values.shape[1:]).mean(dim=1)
 
     def stream_mid(self) -> Tensor | None:
         """Residual stream between the attention and MLP branches [B, T, C]."""

@@ -46,12 +46,18 @@ def _attached(model: torch.nn.Module) -> Preprocess | None:
 
 
 def model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
-    """The (H, W) a model was built for (timm ``patch_embed.img_size``), or None when dynamic/unknown."""
+    """The (H, W) a model was built for: timm's ``patch_embed.img_size``, else the ``img_size`` it was
+    created with (LeViT and others keep no patch embedding), or None when dynamic or unknown."""
     patch_embed = getattr(model, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
-    if size is None or getattr(patch_embed, "dynamic_img_size", False):
+    if size is None:
+        report = getattr(model, "vitscope_load_report", None)
+        size = (getattr(report, "arch_kwargs", None) or {}).get("img_size")
+    elif getattr(patch_embed, "dynamic_img_size", False):
         return None
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def build_transform(model: torch.nn.Module, input_size: tuple[int, int] | None = None) -> Callable:

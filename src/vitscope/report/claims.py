@@ -242,7 +242,7 @@ def _peaked_rows(ctx: _Context, numbers: dict) -> Check:
     numbers["cl_late_attention_entropy"] = None if cl is None else cl.value
     if cl is None:
         return Check(None, "attention entropy not measured for CL: cannot tell collapse from near-uniform attention")
-    n_tokens = ctx.view.num_spatial_tokens(ctx.roles.cl)
+    n_tokens = ctx.view.attention_keys(ctx.roles.cl)
     log_n = math.log(n_tokens) if n_tokens else None
     numbers["log_n"] = log_n
     text = f"late attention entropy: {ctx.label('cl')} {_fmt(cl.value, 2)} nats"

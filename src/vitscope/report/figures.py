@@ -127,7 +127,7 @@ def layer_curve(
 
 def _log_n_lines(view: ResultView) -> Callable:
     def draw(ax, models: list[str]) -> None:
-        known = {n for n in map(view.num_spatial_tokens, models) if n is not None}
+        known = {n for n in map(view.attention_keys, models) if n is not None}
         for n in sorted(known):
             ax.axhline(
                 math.log(n),

@@ -139,7 +139,7 @@ section{background:#fff;border:1px solid #dde1e6;border-radius:6px;margin:18px 0
 h2{font-size:1.25em;border-bottom:1px solid #eef0f3;padding-bottom:6px}
 p.how{background:#f1f6fb;border-left:4px solid #6d9bc3;padding:8px 12px;margin:8px 0 12px}
 figure{display:inline-block;vertical-align:top;max-width:100%;margin:12px 14px 12px 0}figure img{max-width:100%;height:auto;border:1px solid #eef0f3}figcaption{font-size:.85em;color:#55606b}
-table{border-collapse:collapse;font-size:.9em;margin:6px 0}td,th{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f1f3f5}
+.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:.9em;margin:6px 0}td code,td.spec{word-break:break-all}td,th{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f1f3f5}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .holds{background:#d7f0dc;color:#17692c}.does-not-hold{background:#f8d8d6;color:#9b1c14}.not-measured{background:#e6e8eb;color:#4a5560}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
@@ -159,7 +159,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Rows are pre-escaped HTML cells."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _grid_text(info: dict[str, Any]) -> str:
+    """ "7×7", or "56×56 → 7×7" for a model whose grid shrinks stage by stage (CNN, Swin)."""
+    grids = [g for g in info.get("grids") or [] if g] or ([info["grid"]] if info.get("grid") else [])
+    if not grids:
+        return "–"
+    first, last = "×".join(map(str, grids[0])), "×".join(map(str, grids[-1]))
+    return first if first == last else f"{first} → {last}"
+
+
+def _attention_text(info: dict[str, Any]) -> str:
+    """ "global", "windows 7×7", "windows 14×14 + global" or "none" (a CNN)."""
+    if info.get("kind") == "cnn":
+        return "none"
+    windows = info.get("windows") or []
+    sizes = sorted({"×".join(map(str, w)) for w in windows[1:] if w})
+    text = " + ".join(f"windows {size}" for size in sizes)
+    if any(w is None for w in windows[1:]) or not windows:
+        text = f"{text} + global" if text else "global"
+    return text
 
 
 def summary_section(view: ResultView) -> str:
@@ -172,17 +193,19 @@ def summary_section(view: ResultView) -> str:
         model_rows.append(
             [
                 swatch + _e(model),
-                _e(info.get("spec", "")),
+                f"<code>{_e(info.get('spec', ''))}</code>",
                 _e(info.get("kind", "")),
                 _e(info.get("num_layers", "")),
                 _e(info.get("num_heads") or "–"),
                 _e(info.get("num_prefix_tokens", "")),
-                _e("×".join(map(str, info.get("grid", [])))),
+                _e(_grid_text(info)),
                 _e("×".join(map(str, info.get("patch_size", [])))),
                 _e(info.get("num_tokens", "")),
+                _e(_attention_text(info)),
             ]
         )
-    models = _table(["model", "spec", "kind", "blocks", "heads", "prefix tokens", "grid", "patch", "N"], model_rows)
+    header = ["model", "spec", "kind", "blocks", "heads", "prefix tokens", "grid", "patch", "N", "attention"]
+    models = _table(header, model_rows)
     wall = meta.get("wall_time_s")
     facts = [
         ["data", _e(meta.get("data", "unknown"))],

@@ -63,8 +63,14 @@ class ResultView:
         ]
         return max(layers) if layers else None
 
+    def attention_keys(self, model: str) -> int | None:
+        """Keys per attention row in the model's last attending block: the window's tokens for windowed
+        attention (Swin, SAM), else the grid's N = h·w (uniform attention has entropy log of this)."""
+        keys = [k for k in self.model_meta(model).get("attention_keys") or [] if k]
+        return int(keys[-1]) if keys else self.num_spatial_tokens(model)
+
     def num_spatial_tokens(self, model: str) -> int | None:
-        """N = h·w spatial tokens (from the grid, else ``num_tokens``)."""
+        """N = h·w spatial tokens of the last layer (from the grid, else ``num_tokens``)."""
         info = self.model_meta(model)
         grid = info.get("grid")
         if grid and len(grid) == 2:
