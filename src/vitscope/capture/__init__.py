@@ -22,7 +22,9 @@ Modules: :mod:`.layer` (what a depth yields, the :class:`Capture` interface), :m
 
 from vitscope.capture.auto import make_capture
 from vitscope.capture.features import FeatureCapture
+from vitscope.capture.hf import HFCapture
 from vitscope.capture.layer import Capture, LayerOutput, ModelFacts, OnLayer, spatial_attention
+from vitscope.capture.openclip import OpenCLIPCapture
 from vitscope.capture.vit import ViTCapture, is_vision_transformer
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "Capture",
     "ViTCapture",
     "FeatureCapture",
+    "OpenCLIPCapture",
+    "HFCapture",
     "make_capture",
     "is_vision_transformer",
     "spatial_attention",

@@ -4,7 +4,6 @@
 - :mod:`.batches` — training images and which of them each step takes;
 - :mod:`.optim` — schedules, parameter groups, precision, one clipped step;
 - :mod:`.checkpoint` — weights with their card, train state, RNG states, the step log;
-- :mod:`.distributed` — torchrun process groups;
 - :mod:`.loop` — the one training loop;
 - :mod:`.trainer` — a pretraining run; :mod:`.finetuning` — a fine-tuning run.
 """

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitscope.distributed import DistEnv, all_mean, init_distributed
 from vitscope.io import write_json_atomic
 from vitscope.pretrain import augment
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
@@ -36,7 +37,6 @@ from vitscope.pretrain.checkpoint import (
     save_train_state,
     truncate_log,
 )
-from vitscope.pretrain.distributed import DistEnv, all_mean, init_distributed
 from vitscope.pretrain.loop import Checkpointing, run_loop
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, layer_decay_groups, warmup_cosine_lr
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from vitscope.pretrain.distributed import DistEnv
+from vitscope.distributed import DistEnv
 
 __all__ = ["TrainingDiverged", "Checkpointing", "StepHook", "run_loop"]
 

@@ -25,6 +25,7 @@ import torch
 from timm.models import VisionTransformer
 from torch import nn
 
+from vitscope.distributed import DistEnv, all_mean, init_distributed
 from vitscope.models.cards import ENCODER_CARD
 from vitscope.models.load import ENCODER_FILE
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
@@ -36,7 +37,6 @@ from vitscope.pretrain.checkpoint import (
     save_train_state,
     truncate_log,
 )
-from vitscope.pretrain.distributed import DistEnv, all_mean, init_distributed
 from vitscope.pretrain.loop import Checkpointing, TrainingDiverged, run_loop
 from vitscope.pretrain.objectives import (
     Objective,
