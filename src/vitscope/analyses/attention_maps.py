@@ -13,9 +13,10 @@ __all__ = ["AttentionMaps"]
 
 
 class AttentionMaps(Reducer):
-    """Head-averaged spatial attention of a few query tokens of the first image, per block.
+    """Head-averaged spatial attention of a few query tokens of the run's first image, per block.
 
-    Keeps [L, Q, h, w] floats (Q query positions spread over the grid: centre first).
+    Keeps [L, Q, h, w] floats (Q ≤ 4 query positions spread over the grid: centre first). The first
+    image is the one at run-wide position 0, whichever process sees it.
     """
 
     def __init__(self, num_queries: int = 3) -> None:
@@ -25,7 +26,7 @@ class AttentionMaps(Reducer):
         self._active = True
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
-        self._active = not self.maps
+        self._active = not self.maps and self.image_offset == 0
 
     def update(self, layer: LayerOutput) -> None:
         attn = layer.spatial_attn
@@ -43,6 +44,14 @@ class AttentionMaps(Reducer):
 
     def end_batch(self) -> None:
         self._active = False
+
+    def state(self) -> dict:
+        return {"maps": self.maps, "queries": self.queries}
+
+    def merge(self, states: list[dict]) -> None:
+        for state in states:
+            if not self.maps and state["maps"]:
+                self.maps, self.queries = state["maps"], state["queries"]
 
     def arrays(self, label: str) -> dict[str, np.ndarray]:
         if not self.maps:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from vitscope.analyses.features import FEATURE_KINDS, FeatureKind, pooled_features
-from vitscope.analyses.reducer import Reducer
+from vitscope.analyses.reducer import Reducer, to_cpu
 from vitscope.capture import Capture, LayerOutput
 from vitscope.metrics.cka import Kernel, as_2d, check_kernel, grams, unbiased_centre
 from vitscope.results import Row, make_row
@@ -126,6 +126,32 @@ class CKAAccumulator:
     def _skip(self, b: int) -> None:
         self.skipped_batches += 1
         warnings.warn(f"CKA: skipped a batch of {b} examples (the unbiased HSIC needs at least 4)", stacklevel=3)
+
+    # -- across processes ----------------------------------------------------------------------
+    def state(self) -> dict:
+        """The sums and counts (CPU tensors), for :meth:`merge`."""
+        return {"xy": to_cpu(self._xy), "xx": to_cpu(self._xx), "yy": to_cpu(self._yy), "batches": self.num_batches,
+                "examples": self.num_examples, "skipped": self.skipped_batches}  # fmt: skip
+
+    def merge(self, states: list[dict]) -> None:
+        """Add other processes' sums: the minibatch estimate over all their batches and ours."""
+        for state in states:
+            if state["xy"] is None:
+                self.skipped_batches += state["skipped"]
+                continue
+            xy, xx, yy = (state[key].to(self.dtype) for key in ("xy", "xx", "yy"))
+            if self._xy is None or self._xx is None or self._yy is None:
+                self._xy, self._xx, self._yy = xy, xx, yy
+            else:
+                device = self._xy.device
+                self._xy, self._xx, self._yy = (
+                    self._xy + xy.to(device),
+                    self._xx + xx.to(device),
+                    self._yy + yy.to(device),
+                )
+            self.num_batches += state["batches"]
+            self.num_examples += state["examples"]
+            self.skipped_batches += state["skipped"]
 
     # -- results -----------------------------------------------------------------------------
     def hsic(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,6 +274,13 @@ class CKAReducer(Reducer):
     def matrix(self) -> Tensor:
         return self.accumulator.matrix()
 
+    def state(self) -> dict:
+        return {"accumulator": self.accumulator.state(), "depths": self.depths}
+
+    def merge(self, states: list[dict]) -> None:
+        self.accumulator.merge([state["accumulator"] for state in states])
+        self._batch.depths = self._batch.depths or next((s["depths"] for s in states if s["depths"]), [])
+
     def rows(self, model: str) -> list[Row]:
         if self.accumulator.num_batches == 0:
             return []
@@ -262,6 +295,7 @@ class CKASide(Reducer):
         self.side = side
         self._batch = _BatchGrams(pair.accumulator, features, depths)
         self._labels: Tensor | None = None
+        self._index = 0
 
     @property
     def depths(self) -> list[int]:
@@ -269,18 +303,30 @@ class CKASide(Reducer):
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
         self._batch.begin(int(images.shape[0]))
-        self._labels = labels.detach()
+        self._labels, self._index = labels.detach(), self.batch_index
 
     def update(self, layer: LayerOutput) -> None:
         self._batch.add(layer)
 
     def end_batch(self) -> None:
         grams = None if self._batch.batch_size < 4 else self._batch.finish()
-        self.pair._submit(self.side, grams, self._batch.batch_size, self._labels)
+        self.pair._submit(self.side, grams, self._batch.batch_size, self._labels, self._index)
 
     def rows(self, model: str) -> list[Row]:
         """Side ``a`` gives the pair's rows (``model`` = its name); side ``b`` gives none."""
         return self.pair.rows(model_a=model) if self.side == "a" else []
+
+    def state(self) -> dict | None:
+        """Side ``a`` carries the pair's sums and both sides' depths; side ``b`` nothing."""
+        if self.side != "a":
+            return None
+        return {"accumulator": self.pair.accumulator.state(), "depths": (self.depths, self.pair.side_b.depths)}
+
+    def merge(self, states: list[dict | None]) -> None:
+        found = [state for state in states if state is not None]
+        self.pair.accumulator.merge([state["accumulator"] for state in found])
+        for side, k in ((self.pair.side_a, 0), (self.pair.side_b, 1)):
+            side._batch.depths = side._batch.depths or next((s["depths"][k] for s in found if s["depths"][k]), [])
 
 
 class CrossModelCKA:
@@ -310,9 +356,9 @@ class CrossModelCKA:
         self.accumulator = CKAAccumulator(kernel, rbf_threshold=rbf_threshold, dtype=dtype)
         self.side_a = CKASide(self, "a", features, depths_a)
         self.side_b = CKASide(self, "b", features_b or features, depths_b)
-        self._pending: dict[str, tuple[Tensor | None, int, Tensor | None]] = {}
+        self._pending: dict[str, tuple[Tensor | None, int, Tensor | None, int]] = {}
 
-    def _submit(self, side: str, grams: Tensor | None, batch_size: int, labels: Tensor | None) -> None:
+    def _submit(self, side: str, grams: Tensor | None, batch_size: int, labels: Tensor | None, index: int = 0) -> None:
         name = self.name_a if side == "a" else self.name_b
         other = self.name_b if side == "a" else self.name_a
         if side in self._pending:
@@ -320,15 +366,18 @@ class CrossModelCKA:
                 f"CKA {self.name_a} vs {self.name_b}: {name} handed in two batches before {other} "
                 "handed in one; run both models' captures on every batch"
             )
-        self._pending[side] = (grams, batch_size, labels)
+        self._pending[side] = (grams, batch_size, labels, index)
         if len(self._pending) < 2:
             return
-        (ga, ba, la), (gb, bb, lb) = self._pending["a"], self._pending["b"]
+        (ga, ba, la, ia), (gb, bb, lb, ib) = self._pending["a"], self._pending["b"]
         self._pending.clear()
-        if ba != bb or (la is not None and lb is not None and not torch.equal(la.cpu(), lb.cpu())):
+        differ = ba != bb or ia != ib
+        if la is not None and lb is not None and la.device.type == lb.device.type == "cpu":  # no device sync
+            differ = differ or not torch.equal(la, lb)
+        if differ:
             raise RuntimeError(
                 f"CKA {self.name_a} vs {self.name_b}: the two models saw different batches "
-                f"({ba} vs {bb} images or different labels)"
+                f"({ba} vs {bb} images, batch {ia} vs {ib}, or different labels)"
             )
         if ga is None or gb is None:
             self.accumulator.skip_batch(ba)

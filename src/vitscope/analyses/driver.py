@@ -59,7 +59,9 @@ def as_batches(loader: Iterable) -> Iterable[list[Batch]]:
             )
 
 
-def _run_one(model: ModelPass, batch: Batch, device: str | torch.device, dtype: torch.dtype | None) -> None:
+def _run_one(
+    model: ModelPass, batch: Batch, position: tuple[int, int], device: str | torch.device, dtype: torch.dtype | None
+) -> None:
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
     model.image_hw = model.image_hw or (int(images.shape[-2]), int(images.shape[-1]))
@@ -72,6 +74,7 @@ def _run_one(model: ModelPass, batch: Batch, device: str | torch.device, dtype: 
             reducer.update(layer)
 
     for reducer in reducers:
+        reducer.batch_index, reducer.image_offset = position
         reducer.begin_batch(images, labels)
     if dtype is not None and torch.device(device).type == "cuda":
         with torch.autocast("cuda", dtype=dtype):
@@ -104,13 +107,16 @@ def run_lockstep(
         progress: tqdm description, or None for no bar.
     """
     seen = 0
-    for views in tqdm(as_batches(loader), desc=progress, unit="batch", disable=progress is None, leave=False):
+    for number, views in enumerate(tqdm(as_batches(loader), desc=progress, unit="batch", disable=progress is None,
+                                        leave=False)):  # fmt: skip
         if skips is not None:
             skips.update(views[0])
         if len(views[0].images) == 0:
             continue
+        first = views[0]
+        position = (first.index if first.index >= 0 else number, first.offset if first.offset >= 0 else seen)
         for model in models:
-            _run_one(model, views[model.view], device, dtype)
+            _run_one(model, views[model.view], position, device, dtype)
         seen += len(views[0].images)
     return seen
 

@@ -81,6 +81,15 @@ class SpatialLocalisation(Reducer):
         self.accumulator.update_centred(deep, self._base)
         self._base = self._deep = None
 
+    def state(self) -> dict:
+        return {"accumulator": self.accumulator.state(), "grid": self.grid, "depth": self.measured_depth}
+
+    def merge(self, states: list[dict]) -> None:
+        self.accumulator.merge([state["accumulator"] for state in states])
+        for state in states:
+            self.grid = self.grid or state["grid"]
+            self.measured_depth = self.measured_depth or state["depth"]
+
     def maps(self) -> np.ndarray:
         """[N, h, w]: for each deep position p (row-major), CKA with depth 0 at every grid cell."""
         if self.grid is None:

@@ -164,9 +164,11 @@ class DepthCosineReducer(MomentsReducer):
 class SpectrumReducer(MomentsReducer):
     """singular_values and effective_rank of the first ``max_groups`` groups of k consecutive images.
 
-    Groups follow the data order across batches: an incomplete group's images (fewer than k) are
-    kept per depth and completed by the next batch, so the result does not depend on the batch
-    size. Once ``max_groups`` groups are done, the reducer costs nothing more.
+    Groups follow the run-wide image order (``image_offset``): images 0..k−1 are the first group, and
+    so on. An incomplete group's images are kept per depth and completed by the next batch, so the
+    result does not depend on the batch size; under torchrun a group split between two processes is
+    left out (batch sizes that are multiples of k keep every group whole). Once ``max_groups`` groups
+    are done, the reducer costs nothing more.
     """
 
     names = ("effective_rank", "singular_values")
@@ -182,29 +184,28 @@ class SpectrumReducer(MomentsReducer):
         self.images_per_group = images_per_group
         self.images_per_sample = images_per_group
         self.max_groups = max_groups
-        self._groups_done: dict[int, int] = {}
-        self._pending: dict[int, Tensor] = {}
+        self._pending: dict[int, tuple[int, Tensor]] = {}  # depth -> (position of its first image, tokens)
 
     def update(self, layer: LayerOutput) -> None:
         k = self.images_per_group
-        done = self._groups_done.get(layer.depth, 0)
-        pending = self._pending.pop(layer.depth, None)
-        held = 0 if pending is None else pending.shape[0]
-        tokens = layer.spatial_tokens.detach()
+        start, tokens = self.image_offset, layer.spatial_tokens.detach()
         if self.max_groups is not None:
-            if done >= self.max_groups:
+            limit = self.max_groups * k
+            if start >= limit:
                 return
-            tokens = tokens[: (self.max_groups - done) * k - held]
-        if pending is not None:
-            tokens = torch.cat([pending, tokens.to(pending.dtype)])
+            tokens = tokens[: limit - start]
+        held = self._pending.pop(layer.depth, None)
+        if held is not None and held[0] + held[1].shape[0] == start:  # the rest of a group begun earlier
+            start, tokens = held[0], torch.cat([held[1], tokens.to(held[1].dtype)])
+        skip = (-start) % k  # images of a group that began in a batch this process did not see
+        start, tokens = start + skip, tokens[skip:]
         complete = tokens.shape[0] // k * k
         if complete:
             spectra = singular_values(tokens[:complete], k)  # [G, min(k·N, C)]
             self.add("singular_values", layer.depth, spectra, column="index")
             self.add("effective_rank", layer.depth, effective_rank(spectra))
-            self._groups_done[layer.depth] = done + complete // k
         if complete < tokens.shape[0]:
-            self._pending[layer.depth] = tokens[complete:].clone()
+            self._pending[layer.depth] = (start + complete, tokens[complete:].clone())
 
 
 class FourierReducer(MomentsReducer):

@@ -48,61 +48,101 @@ PROBE_KINDS = ("cls", "gap")
 
 # ---------------------------------------------------------------------------------- extraction
 class FeatureBank(Reducer):
-    """Per-depth CLS and GAP features of every image seen, float32 on the CPU.
+    """Per-depth CLS and GAP features of every image seen, float32, in run-wide batch order.
 
     CLS features are kept for models with a class token (:attr:`LayerOutput.has_class_token`; register
-    tokens alone are not one), GAP features for every model.
+    tokens alone are not one), GAP features for every model. Features stay on the model's device and
+    move to the CPU every ``offload_every`` batches, so a GPU run does not wait for a copy per batch.
+    Under torchrun the processes' banks merge in batch order: the features are those of one process
+    that saw every batch.
     """
+
+    offload_every = 32
 
     def __init__(self) -> None:
         self.depths: list[int] = []
-        self._chunks: dict[str, dict[int, list[Tensor]]] = {kind: {} for kind in PROBE_KINDS}
-        self._labels: list[Tensor] = []
-        self._seen: list[int] = []
+        self._batches: list[_BankBatch] = []
+        self._current: _BankBatch | None = None
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
-        self._labels.append(labels.detach().to("cpu", torch.long))
-        self._seen = []
+        self._current = _BankBatch(self.batch_index, labels.detach().to(torch.long), {})
 
     def update(self, layer: LayerOutput) -> None:
+        assert self._current is not None, "FeatureBank.update before begin_batch"
         for kind in PROBE_KINDS:
             if kind == "gap" or layer.has_class_token:
-                self._store(kind, layer.depth, pooled_features(layer, kind))
-        self._seen.append(layer.depth)
-
-    def _store(self, kind: str, depth: int, feats: Tensor) -> None:
-        self._chunks[kind].setdefault(depth, []).append(feats.detach().to("cpu", torch.float32))
+                feats = pooled_features(layer, kind).detach().to(torch.float32)
+                self._current.features[(kind, layer.depth)] = feats
 
     def end_batch(self) -> None:
+        current, self._current = self._current, None
+        assert current is not None
+        depths = sorted({depth for _, depth in current.features})
         if not self.depths:
-            self.depths = list(self._seen)
-        elif self._seen != self.depths:
-            raise RuntimeError(f"FeatureBank: depths changed between batches: {self.depths} -> {self._seen}")
+            self.depths = depths
+        elif depths != self.depths:
+            raise RuntimeError(f"FeatureBank: depths changed between batches: {self.depths} -> {depths}")
+        self._batches.append(current)
+        if len(self._batches) % self.offload_every == 0:
+            self._offload()
+
+    def _offload(self) -> None:
+        for batch in self._batches:
+            batch.to_cpu()
+
+    def _ordered(self) -> list[_BankBatch]:
+        self._offload()
+        return sorted(self._batches, key=lambda batch: batch.index)
+
+    def state(self) -> dict:
+        return {"depths": self.depths, "batches": self._ordered()}
+
+    def merge(self, states: list[dict]) -> None:
+        for state in states:
+            self._batches.extend(state["batches"])
+            self.depths = self.depths or state["depths"]
 
     @property
     def kinds(self) -> list[str]:
         """Feature kinds held: ``cls`` (when the model has a class token) and ``gap``."""
-        return [kind for kind in PROBE_KINDS if self._chunks[kind]]
+        held = {kind for batch in self._batches for kind, _ in batch.features}
+        return [kind for kind in PROBE_KINDS if kind in held]
 
     @property
     def labels(self) -> Tensor:
-        return torch.cat(self._labels) if self._labels else torch.empty(0, dtype=torch.long)
+        batches = self._ordered()
+        return torch.cat([b.labels for b in batches]) if batches else torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
-        return int(sum(len(labels) for labels in self._labels))
+        return int(sum(len(batch.labels) for batch in self._batches))
 
     def features(self, kind: str = "gap") -> Tensor:
         """[L, n, C] float32 over ``self.depths``. Layers of different width (CNN stages) are zero-padded
         to the widest; padded columns standardise to 0 and never move a probe."""
         if kind not in self.kinds:
             raise KeyError(f"FeatureBank holds {self.kinds} features, not {kind!r}")
-        per_depth = [torch.cat(self._chunks[kind][depth]) for depth in self.depths]
+        batches = self._ordered()
+        per_depth = [torch.cat([b.features[(kind, depth)] for b in batches]) for depth in self.depths]
         width = max(f.shape[1] for f in per_depth)
         return torch.stack([F.pad(f, (0, width - f.shape[1])) for f in per_depth])
 
     def widths(self, kind: str = "gap") -> list[int]:
         """True feature width of each depth (before padding)."""
-        return [int(self._chunks[kind][depth][0].shape[1]) for depth in self.depths]
+        first = self._batches[0]
+        return [int(first.features[(kind, depth)].shape[1]) for depth in self.depths]
+
+
+@dataclass
+class _BankBatch:
+    """One batch's labels and features by (kind, depth)."""
+
+    index: int
+    labels: Tensor
+    features: dict[tuple[str, int], Tensor]
+
+    def to_cpu(self) -> None:
+        self.labels = self.labels.cpu()
+        self.features = {key: value.cpu() for key, value in self.features.items()}
 
 
 # ------------------------------------------------------------------------------------ training

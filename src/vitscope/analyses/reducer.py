@@ -14,7 +14,7 @@ from torch import Tensor
 from vitscope.capture import LayerOutput
 from vitscope.results import Row, make_row
 
-__all__ = ["Reducer", "RunningMoments", "MomentsReducer"]
+__all__ = ["Reducer", "RunningMoments", "MomentsReducer", "to_cpu"]
 
 
 class Reducer:
@@ -22,7 +22,19 @@ class Reducer:
 
     Call order per batch: ``begin_batch(images, labels)``, ``update(layer)`` for depth 0..L,
     ``end_batch()``. ``rows(model)`` may be called at any time after a batch.
+
+    Before each batch the driver sets ``batch_index`` (the batch's number in the whole run) and
+    ``image_offset`` (the run-wide index of its first image), so that a reducer whose result depends on
+    which images it saw first (spectra of the first groups, the attention maps of the first image, probe
+    features in data order) gives the same result when the batches are shared out between processes.
+
+    Under ``torchrun`` every process feeds its own reducers; then :meth:`state` of each process is
+    gathered and rank 0 folds them in with :meth:`merge`, after which its rows are those of one process
+    that saw every batch. ``state`` must be picklable and hold CPU tensors.
     """
+
+    batch_index: int = 0
+    image_offset: int = 0
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
         pass
@@ -35,6 +47,18 @@ class Reducer:
 
     def rows(self, model: str) -> list[Row]:
         return []
+
+    def state(self) -> Any:
+        """What this process accumulated, for :meth:`merge` on rank 0 (picklable, CPU tensors)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged across processes")
+
+    def merge(self, states: list[Any]) -> None:
+        """Fold the :meth:`state` of the other processes into this one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged across processes")
+
+
+def to_cpu(value: Tensor | None) -> Tensor | None:
+    return None if value is None else value.detach().cpu()
 
 
 class RunningMoments:
@@ -52,18 +76,23 @@ class RunningMoments:
     def update(self, values: Tensor) -> None:
         values = values.detach()
         values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
-        batch = values.shape[0]
-        if batch == 0:
+        if values.shape[0] == 0:
             return
         batch_mean = values.mean(dim=0)
-        batch_m2 = (values - batch_mean).square().sum(dim=0)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = batch, batch_mean, batch_m2
+        self.combine(values.shape[0], batch_mean, (values - batch_mean).square().sum(dim=0))
+
+    def combine(self, count: int, mean: Tensor | None, m2: Tensor | None) -> None:
+        """Fold in another stream's moments (Chan et al.'s pairwise update)."""
+        if count == 0 or mean is None or m2 is None:
             return
-        total = self.count + batch
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (batch / total)
-        self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * batch / total)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        mean, m2 = mean.to(self.mean.device, self.mean.dtype), m2.to(self.m2.device, self.m2.dtype)
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
         self.count = total
 
     def result(self) -> tuple[Any, Any | None]:
@@ -114,6 +143,14 @@ class MomentsReducer(Reducer):
         """Add [B, H] values: per head, and their mean over heads as the per-layer value."""
         self.add(metric, layer, values, column="head")
         self.add(metric, layer, values.mean(dim=-1))
+
+    def state(self) -> Any:
+        return {key: (m.count, to_cpu(m.mean), to_cpu(m.m2)) for key, m in self.moments.items()}
+
+    def merge(self, states: list[Any]) -> None:
+        for state in states:
+            for key, (count, mean, m2) in state.items():
+                self.moments.setdefault(key, RunningMoments()).combine(count, mean, m2)
 
     def rows(self, model: str) -> list[Row]:
         order = {name: i for i, name in enumerate(self.names)}

@@ -14,11 +14,15 @@ __all__ = ["Batch", "SkipCounter", "collate_skipping", "collate_views"]
 
 @dataclass
 class Batch:
-    """A collated batch: images [B, 3, H, W], labels [B] (-1 when unknown), skipped (path, reason) pairs."""
+    """A collated batch: images [B, 3, H, W], labels [B] (-1 when unknown), skipped (path, reason) pairs, and
+    where the batch stands in the whole run when the run is shared between processes (``index``: its
+    number, ``offset``: the run-wide index of its first image; −1 when the batches come in order)."""
 
     images: Tensor
     labels: Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    index: int = -1
+    offset: int = -1
 
 
 def _split(items: list) -> tuple[list[tuple], list[tuple[str, str]]]:
