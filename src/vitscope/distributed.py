@@ -1,15 +1,17 @@
-"""Process groups the way torchrun describes them: NCCL on GPUs, gloo on CPUs."""
+"""Process groups the way torchrun describes them (NCCL on GPUs, gloo on CPUs), and the few collectives
+the analyses and the training loops need."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistEnv", "init_distributed", "all_mean"]
+__all__ = ["DistEnv", "init_distributed", "current_env", "all_mean", "all_sum", "gather_to_main", "barrier"]
 
 
 @dataclass
@@ -59,3 +61,33 @@ def all_mean(value: Tensor, env: DistEnv) -> Tensor:
         dist.all_reduce(value)
         value /= env.world
     return value
+
+
+def current_env() -> DistEnv:
+    """The process group this process already belongs to (one process when none was set up)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistEnv()
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather_to_main(value: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on rank 0; an empty list on the others."""
+    if env.world == 1:
+        return [value]
+    gathered: list[Any] | None = [None] * env.world if env.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def all_sum(value: int, env: DistEnv) -> int:
+    """The sum of an integer over all ranks."""
+    if env.world == 1:
+        return value
+    gathered: list[Any] = [None] * env.world
+    dist.all_gather_object(gathered, value)
+    return int(sum(gathered))
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()

@@ -76,8 +76,8 @@ def _run_one(
     for reducer in reducers:
         reducer.batch_index, reducer.image_offset = position
         reducer.begin_batch(images, labels)
-    if dtype is not None and torch.device(device).type == "cuda":
-        with torch.autocast("cuda", dtype=dtype):
+    if dtype is not None:
+        with torch.autocast(torch.device(device).type, dtype=dtype):
             model.capture.run(images, feed)
     else:
         model.capture.run(images, feed)
@@ -102,22 +102,29 @@ def run_lockstep(
         loader: yields batches (see :func:`as_batches`); with several views, model ``m`` reads
             ``views[m.view]``.
         device: where images go (models must already be there).
-        dtype: autocast dtype on CUDA (bf16/fp16); reductions still run in float32 or float64.
+        dtype: autocast dtype of the forward pass (bf16; fp16 on CUDA); every reduction still runs in float32 or
+            float64.
         skips: collects the unreadable files the batches report.
-        progress: tqdm description, or None for no bar.
+        progress: tqdm description, or None for no bar (one bar in images, with images/s and the time
+            left; under torchrun it counts this process's images times the number of processes).
     """
     seen = 0
-    for number, views in enumerate(tqdm(as_batches(loader), desc=progress, unit="batch", disable=progress is None,
-                                        leave=False)):  # fmt: skip
-        if skips is not None:
-            skips.update(views[0])
-        if len(views[0].images) == 0:
-            continue
-        first = views[0]
-        position = (first.index if first.index >= 0 else number, first.offset if first.offset >= 0 else seen)
-        for model in models:
-            _run_one(model, views[model.view], position, device, dtype)
-        seen += len(views[0].images)
+    sampler = getattr(loader, "sampler", None)
+    share = int(getattr(sampler, "world", 1) or 1)  # this process sees one batch in `share`: show the run's pace
+    bar = tqdm(total=getattr(loader, "total_images", None), desc=progress, unit="img", disable=progress is None,
+               leave=False, dynamic_ncols=True)  # fmt: skip
+    with bar:
+        for number, views in enumerate(as_batches(loader)):
+            if skips is not None:
+                skips.update(views[0])
+            if len(views[0].images) == 0:
+                continue
+            first = views[0]
+            position = (first.index if first.index >= 0 else number, first.offset if first.offset >= 0 else seen)
+            for model in models:
+                _run_one(model, views[model.view], position, device, dtype)
+            seen += len(first.images)
+            bar.update(len(first.images) * share)
     return seen
 
 

@@ -11,6 +11,7 @@ with t-SNE.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import vitscope
@@ -36,6 +37,7 @@ from vitscope.analyses.tokens import pick_examples, token_tsne
 from vitscope.capture import make_capture
 from vitscope.data import (
     Batch,
+    ChoiceLoader,
     MultiView,
     SkipCounter,
     StratifiedChoice,
@@ -49,12 +51,14 @@ from vitscope.data import (
     split_choices,
     stratified_subset,
 )
+from vitscope.distributed import DistEnv, all_sum, current_env, gather_to_main
 from vitscope.results import Results
 
 __all__ = ["EXTRA_ANALYSES", "ALL_ANALYSES", "AnalysisConfig", "AnalysisOutput", "analyze"]
 
 EXTRA_ANALYSES = ("linear_probe", "noise", "cka", "tsne", "attention_maps", "localisation")
 ALL_ANALYSES = tuple(ALL_METRICS) + EXTRA_ANALYSES
+PRECISIONS = ("fp32", "bf16", "fp16")
 _COUNTS = (
     "num_images",
     "probe_train_images",
@@ -79,6 +83,10 @@ class AnalysisConfig:
         noise_relative_norm: noise L2 norm per image as a root-mean-square per input value, in the
             model's normalised input space (0.5 ≈ 0.25 of the pixel range for mean/std 0.5 inputs).
         analyses: names from :data:`ALL_ANALYSES`; None = all.
+        num_workers: data loader worker processes; None: 0 on the CPU, up to 8 per process on a GPU (image
+            decoding must keep up with it).
+        precision: ``fp32``, or ``bf16`` for a bfloat16 autocast forward pass (every metric is still
+            accumulated in float32/float64; docs/metrics.md states the error it adds).
     """
 
     num_images: int = 512
@@ -94,15 +102,28 @@ class AnalysisConfig:
     tsne_classes: int = 4
     tsne_per_class: int = 4
     attention_queries: int = 3
-    num_workers: int = 0
+    num_workers: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"AnalysisConfig.num_workers must be ≥ 0, got {self.num_workers}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"AnalysisConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def workers(self, env: DistEnv) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        if torch.device(self.device).type != "cuda":
+            return 0
+        return max(1, min(8, (os.cpu_count() or 1) // max(1, env.world) - 1))
         if self.noise_relative_norm < 0:
             raise ValueError(f"AnalysisConfig.noise_relative_norm must be ≥ 0, got {self.noise_relative_norm}")
 
@@ -176,10 +197,34 @@ def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisCon
             b.run.reducers.append(pair.side_b)
 
 
-def _loader(dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig) -> DataLoader:
-    return choice_loader(
-        dataset, choice, batch_size=config.batch_size, num_workers=config.num_workers, collate=collate_views
-    )
+def _loader(
+    dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig, env: DistEnv, shard: bool = True
+) -> ChoiceLoader:
+    """This process's batches of the chosen images (all of them when ``shard`` is False)."""
+    rank, world = (env.rank, env.world) if shard else (0, 1)
+    return choice_loader(dataset, choice, batch_size=config.batch_size, num_workers=config.workers(env),
+                         collate=collate_views, rank=rank, world=world,
+                         pin_memory=torch.device(config.device).type == "cuda")  # fmt: skip
+
+
+def _merge(runs: list[ModelPass], env: DistEnv) -> None:
+    """Fold every process's reducers into rank 0's (one gather per reducer)."""
+    if env.world == 1:
+        return
+    for run in runs:
+        for reducer in run.reducers:
+            states = gather_to_main(reducer.state(), env)
+            if env.is_main:
+                reducer.merge(states[1:])
+        layouts = gather_to_main(run.layouts, env)
+        if env.is_main:
+            for other in layouts[1:]:
+                run.layouts = run.layouts or other
+
+
+def _merge_skips(skips: SkipCounter, env: DistEnv) -> None:
+    for other in gather_to_main(skips.skipped, env)[1:]:
+        skips.skipped.extend(other)
 
 
 def _model_meta(entry: _Model) -> dict:
@@ -220,8 +265,14 @@ def _model_note(entry: _Model) -> str:
             "grid, spatial localisation and attention maps are not drawn")  # fmt: skip
 
 
-def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None) -> AnalysisOutput:
+def analyze(
+    models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None
+) -> AnalysisOutput | None:
     """Run every asked analysis on every model; return tidy results and arrays for figures.
+
+    Under ``torchrun`` (a process group set up, e.g. by :func:`vitscope.distributed.init_distributed`)
+    every process analyses its share of the batches and rank 0 merges them, fits the probes, runs the
+    noise experiment and t-SNE, and returns the output; the other processes return None.
 
     Args:
         models: label -> model spec (``timm:NAME``, ``mae:PATH``, ``bundled:NAME``, ...) or a module.
@@ -230,6 +281,7 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
     """
     config = config or AnalysisConfig()
     wanted = config.wanted()
+    env = current_env()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     entries = _load_models(models, config.device)
@@ -253,15 +305,22 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
     notes = [_model_note(entry) for entry in entries if entry.run.capture.facts.kind != "vit"]
 
     skips = SkipCounter()
+    runs = [entry.run for entry in entries]
+    loader = _loader(test_set, test_choice, config, env)
+    progress = "analyse" if env.is_main else None
     seen = run_lockstep(
-        [entry.run for entry in entries],
-        _loader(test_set, test_choice, config),
-        device=config.device,
-        skips=skips,
-        progress="analyse",
+        runs, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips, progress=progress
     )
+    seen = all_sum(seen, env)
     if seen == 0:
         raise ValueError(f"data {data!r}: no readable images ({skips.report()})")
+    _merge(runs, env)
+    train_banks = (
+        _probe_features(entries, train_set, train_choice, config, env, skips) if "linear_probe" in wanted else None
+    )
+    _merge_skips(skips, env)
+    if not env.is_main:
+        return None
 
     results = Results()
     arrays: dict[str, np.ndarray] = {}
@@ -273,8 +332,8 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
         if entry.localisation is not None:
             arrays[f"{entry.label}/localisation"] = entry.localisation.maps()
 
-    if "linear_probe" in wanted:
-        _probe_and_noise(entries, train_set, train_choice, test_set, test_choice, wanted, config, results, skips)
+    if train_banks is not None:
+        _probe_and_noise(entries, train_banks, test_set, test_choice, wanted, config, results)
     if "tsne" in wanted:
         arrays.update(_tsne(entries, test_set, test_choice, config))
     arrays.update(_example_image(entries, test_set, test_choice))
@@ -296,40 +355,48 @@ def analyze(models: Mapping[str, nn.Module | str], data: str, config: AnalysisCo
             "python": platform.python_version(),
         },
         "device": config.device,
+        "processes": env.world,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     return AnalysisOutput(results, arrays)
 
 
+def _probe_features(
+    entries: list[_Model], train_set: Dataset, train_choice: StratifiedChoice, config: AnalysisConfig, env: DistEnv,
+    skips: SkipCounter,
+) -> list[FeatureBank]:  # fmt: skip
+    """Every model's probe features of the train images: one more lockstep pass, merged on rank 0."""
+    banks = [FeatureBank() for _ in entries]
+    passes = [ModelPass(e.label, e.run.capture, [bank], e.run.view) for e, bank in zip(entries, banks)]
+    loader = _loader(train_set, train_choice, config, env)
+    progress = "probe features" if env.is_main else None
+    run_lockstep(passes, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips, progress=progress)
+    _merge(passes, env)
+    return banks
+
+
 def _probe_and_noise(
     entries: list[_Model],
-    train_set: Dataset,
-    train_choice: StratifiedChoice,
+    train_banks: list[FeatureBank],
     test_set: Dataset,
     test_choice: StratifiedChoice,
     wanted: set[str],
     config: AnalysisConfig,
     results: Results,
-    skips: SkipCounter,
 ) -> None:
-    passes = []
-    for entry in entries:
-        entry.train_bank = FeatureBank()
-        passes.append(ModelPass(entry.label, entry.run.capture, [entry.train_bank], entry.run.view))
-    run_lockstep(
-        passes, _loader(train_set, train_choice, config), device=config.device, skips=skips, progress="probe features"
-    )
+    """Per-layer probes of every model (rank 0), and the last layer's probe under frequency-band noise."""
     probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
     noise_choice = _noise_choice(test_set, test_choice, config)
-    for entry in entries:
-        assert entry.train_bank is not None and entry.test_bank is not None
-        rows, probes = linear_probe(entry.train_bank, entry.test_bank, entry.label, config=probe_config, progress=None)
+    single = DistEnv(device=torch.device(config.device))  # the noise images are scored by rank 0 alone
+    for entry, train_bank in zip(entries, train_banks):
+        assert entry.test_bank is not None
+        rows, probes = linear_probe(train_bank, entry.test_bank, entry.label, config=probe_config, progress=None)
         results.extend(rows)
         if "noise" not in wanted:
             continue
         kind = "cls" if entry.run.capture.facts.has_class_token and "cls" in probes else "gap"
         classifier = probes[kind].classifier(entry.model)
-        batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config))
+        batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config, single, shard=False))
         outcome = noise_robustness(
             classifier,
             batches,

@@ -16,6 +16,7 @@ from vitscope.commands.common import (
     skipped_summary,
     verdict_and_report,
 )
+from vitscope.distributed import init_distributed
 from vitscope.models import parse_spec
 from vitscope.results import RunDirectory
 
@@ -48,13 +49,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each process's own GPU)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="forward pass precision; bf16/fp16 autocast, every metric still accumulated in float32/64 (default: fp32)",
+    )
     parser.add_argument(
         "--metrics", default=None, help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-epochs", type=positive_int, default=100)
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="data loader worker processes per process (default: 0 on the CPU, up to 8 on a GPU)",
+    )
     roles = parser.add_argument_group("claims (optional): which model plays which part")
     roles.add_argument("--cl", help="label of the contrastive model")
     roles.add_argument("--mim", help="label of the masked-image-modeling model")
@@ -90,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
     models = parse_models(args.model)
     roles = roles_of(args, list(models))
     analyses = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    env = init_distributed(args.device)  # one process, or the group torchrun describes
     config = AnalysisConfig(
         num_images=args.num_images,
         probe_train_images=args.probe_images,
         noise_images=args.noise_images,
         batch_size=args.batch_size,
-        device=args.device,
+        device=str(env.device),
+        precision=args.precision,
         seed=args.seed,
         analyses=analyses,
         probe_epochs=args.probe_epochs,
@@ -105,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     config.wanted()  # unknown analysis names fail before any model is loaded
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
+    if output is None:  # another process of a torchrun group: rank 0 writes the run directory
+        return 0
     output.results.meta["roles"] = roles
     save_analysis(output, out_dir)
     meta = output.results.meta

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out_dir = Path(args.out)
     output = analyze(models, args.data, config)
+    assert output is not None  # one process
     output.results.meta["roles"] = ROLES
     save_analysis(output, out_dir)
     print(probe_table(output.results, list(models)))

@@ -14,7 +14,7 @@ loader's batches carry the paths they skipped, and :class:`SkipCounter` sums the
 from vitscope.data.batches import Batch, SkipCounter, collate_skipping, collate_views
 from vitscope.data.datasets import ArrayImageDataset, Replaced, SafeImageFolder, Skipped
 from vitscope.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_shipped_subset, read_idx
-from vitscope.data.loaders import choice_loader, make_loader
+from vitscope.data.loaders import ChoiceLoader, ShardBatches, choice_loader, make_loader
 from vitscope.data.specs import dataset_labels, open_dataset
 from vitscope.data.subsets import (
     ReplacingSubset,
@@ -56,6 +56,8 @@ __all__ = [
     "collate_views",
     "Replaced",
     "choice_loader",
+    "ChoiceLoader",
+    "ShardBatches",
     "ReplacingSubset",
     "StratifiedChoice",
     "stratified_choice",

@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
-from typing import cast
+from collections.abc import Callable, Iterator, Sized
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitscope.data.batches import collate_skipping
 from vitscope.data.specs import dataset_labels
 from vitscope.data.subsets import ReplacingSubset, StratifiedChoice, stratified_choice
 
-__all__ = ["make_loader", "choice_loader"]
+__all__ = ["make_loader", "choice_loader", "ChoiceLoader", "ShardBatches"]
+
+
+class ShardBatches(Sampler[list[int]]):
+    """Run-wide batch k (positions k·b .. k·b + b − 1) goes to rank k mod world: no image twice, none
+    lost when the count does not divide, and every batch the same as in a single process."""
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.rank, self.num_batches, self.world):
+            yield list(range(k * self.batch_size, min((k + 1) * self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_batches, self.world))
+
+
+class ChoiceLoader:
+    """Batches of the chosen images for this rank, each marked with its run-wide number and first
+    image's position (see :class:`~vitscope.data.batches.Batch`). ``total_images``: the whole run's."""
+
+    def __init__(self, loader: DataLoader, sampler: ShardBatches) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.total_images = sampler.size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        numbers = range(self.sampler.rank, self.sampler.num_batches, self.sampler.world)
+        for number, item in zip(numbers, self.loader):
+            for batch in item if isinstance(item, list) else [item]:
+                batch.index, batch.offset = number, number * self.sampler.batch_size
+            yield item
 
 
 def choice_loader(
@@ -22,22 +60,24 @@ def choice_loader(
     batch_size: int = 64,
     num_workers: int = 0,
     collate: Callable = collate_skipping,
-    seed: int = 0,
-    shuffle: bool = False,
-) -> DataLoader:
-    """A loader over the chosen images, unreadable ones replaced by candidates of their class."""
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+) -> ChoiceLoader:
+    """A loader over the chosen images (unreadable ones replaced by candidates of their class), in data
+    order, sharded batch by batch over ``world`` processes (this one is ``rank``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    sampler = ShardBatches(len(choice), batch_size, rank, world)
+    loader = DataLoader(
         ReplacingSubset(dataset, choice),
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
-        generator=generator,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
+    return ChoiceLoader(loader, sampler)
 
 
 def make_loader(
@@ -48,13 +88,17 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     shuffle: bool = False,
-) -> DataLoader:
+) -> DataLoader | ChoiceLoader:
     """A loader over a deterministic (stratified) subset of ``num_images`` of ``dataset`` (all when None),
     yielding :class:`~vitscope.data.batches.Batch`; unreadable images are replaced (see
-    :class:`~vitscope.data.subsets.ReplacingSubset`) and listed in the batches' ``skipped``."""
+    :class:`~vitscope.data.subsets.ReplacingSubset`) and listed in the batches' ``skipped``.
+    ``shuffle`` draws the batches in a seeded random order instead of data order."""
     if num_images is not None and num_images < 1:
         raise ValueError(f"num_images must be ≥ 1, got {num_images}")
-    total = len(cast(Sized, dataset))  # torch's Dataset type has no __len__; the datasets here all do
-    count = total if num_images is None else num_images
-    choice = stratified_choice(dataset_labels(dataset), count, seed, total=total)
-    return choice_loader(dataset, choice, batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle)
+    size = len(cast(Sized, dataset))
+    choice = stratified_choice(dataset_labels(dataset), size if num_images is None else num_images, seed, total=size)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(ReplacingSubset(dataset, choice), batch_size=batch_size, shuffle=True,
+                          num_workers=num_workers, collate_fn=collate_skipping, generator=generator)  # fmt: skip
+    return choice_loader(dataset, choice, batch_size=batch_size, num_workers=num_workers)
