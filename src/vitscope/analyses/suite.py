@@ -308,6 +308,7 @@ def analyze(
     runs = [entry.run for entry in entries]
     loader = _loader(test_set, test_choice, config, env)
     progress = "analyse" if env.is_main else None
+    pass_started = time.perf_counter()
     seen = run_lockstep(
         runs, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips, progress=progress
     )
@@ -315,6 +316,7 @@ def analyze(
     if seen == 0:
         raise ValueError(f"data {data!r}: no readable images ({skips.report()})")
     _merge(runs, env)
+    pass_time = time.perf_counter() - pass_started
     train_banks = (
         _probe_features(entries, train_set, train_choice, config, env, skips) if "linear_probe" in wanted else None
     )
@@ -356,6 +358,7 @@ def analyze(
         },
         "device": config.device,
         "processes": env.world,
+        "pass_time_s": round(pass_time, 3),  # the lockstep pass over the test images, merge included
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     return AnalysisOutput(results, arrays)
