@@ -2,14 +2,14 @@
 
 Steps:
 1. :func:`band_masks` splits the image's 2-D FFT grid into ``num_bands`` rings of equal width in radial
-   frequency r = sqrt(f_y² + f_x²) (cycles per pixel, from 0 at DC to the corner's sqrt(0.5)); band 0
+   frequency r = sqrt(f_y² + f_x²) (cycles per pixel, from 0 at DC to the grid's largest radius, sqrt(0.5) for even sizes); band 0
    holds the lowest frequencies. The rings are disjoint and cover every frequency.
 2. :func:`band_limited_noise` draws white Gaussian noise per image and channel, keeps only one band's
    Fourier coefficients (the mask is symmetric under f -> −f, so the result is real) and rescales each
    image's noise to the requested L2 norm (over channels and pixels).
 3. :func:`noise_robustness` adds it to test images and reports, per band, the top-1 drop (clean minus
    noisy, percentage points) of any ``images -> logits`` callable, e.g. the last layer's linear probe
-   (:meth:`vitscope.probes.LinearProbes.classifier`).
+   (:meth:`vitscope.analyses.probes.LinearProbes.classifier`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def noise_robustness(
         num_bands: radial frequency bands (see :func:`band_masks`).
         norm: L2 norm of the noise per image. None: ``relative_norm`` × sqrt(C·H·W), i.e. a root-mean-
             square of ``relative_norm`` per pixel value.
-        seed: noise seed; each band sees noise from the same draws order, reproducible.
+        seed: noise seed; the bands and batches draw in turn from one generator, so every run draws the
+            same noise (each band its own white noise).
     """
     generator = torch.Generator().manual_seed(seed)
     masks: Tensor | None = None

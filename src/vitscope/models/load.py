@@ -22,8 +22,9 @@
 - ``open_clip:ARCH?pretrained=FILE``: the visual tower of an OpenCLIP model (:mod:`.openclip`; extra
   ``vitscope[openclip]``).
 
-Options common to all: ``strict`` (default True: a weight left at random init, an unused or
-mis-shaped checkpoint weight is an error naming the keys), ``seed``; the remaining keyword arguments
+Options common to all: ``strict`` (default True: an encoder weight left at random init, an unused or
+mis-shaped checkpoint weight is an error naming the keys; a classifier head (``head.*``, ``fc_norm.*``)
+the checkpoint lacks stays random and is listed as missing), ``seed``; the remaining keyword arguments
 go to ``timm.create_model``. Files are read with ``torch.load(weights_only=True)`` or safetensors.
 """
 

@@ -6,7 +6,7 @@ as strings otherwise; keyword arguments given to ``load_model`` override them.
 
     timm:vit_base_patch16_224            random:vit_small_patch16_224?depth=6&img_size=32
     moco-v3:/ckpt/vit-s-300ep.pth.tar    mae:/ckpt/mae_pretrain_vit_base.pth?img_size=112
-    file:/ckpt/my.safetensors?arch=vit_tiny_patch16_224   bundled:cl-tiny
+    file:/ckpt/my.safetensors?arch=vit_tiny_patch16_224   bundled:moco
 """
 
 from __future__ import annotations

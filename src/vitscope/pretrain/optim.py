@@ -44,7 +44,8 @@ def _layer_id(name: str, num_layers: int) -> int:
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with MAE's layer-wise lr scale decay^(L − layer_id); no decay on vectors and tokens.
+    """AdamW groups with MAE's layer-wise lr scale decay^(L − layer_id); no decay on vectors (ndim 1) and on
+    position embeddings and class/register/distillation tokens.
 
     Layer ids: embeddings 0, block i → i + 1, head and final norms L = blocks + 1.
     """

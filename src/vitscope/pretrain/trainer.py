@@ -2,15 +2,15 @@
 
 Reproducibility contract: the images of step s on rank r, their augmentation and masks are a function
 of (seed, s, r) alone (:mod:`vitscope.pretrain.batches`). A run resumed from any checkpoint therefore
-ends bit-identical to an uninterrupted one (on CPU), provided model, optimizer, schedule and global
-RNG states are restored — all of which ``train_state.pt`` holds (:mod:`vitscope.pretrain.checkpoint`).
+ends bit-identical to an uninterrupted one (on CPU), provided model, optimizer and global RNG states
+are restored (the schedule is recomputed from the config and the step) — all of which ``train_state.pt`` holds (:mod:`vitscope.pretrain.checkpoint`).
 
 Files under ``out`` (written by rank 0 only, each atomically):
 - ``encoder.safetensors`` — the encoder under timm's key names;
 - ``encoder.json`` — its model card: arch, arch_kwargs (``timm.create_model(arch, **arch_kwargs)``
   rebuilds it), method, step, normalisation;
 - ``train_state.pt`` — everything needed to resume;
-- ``log.jsonl`` — one line per step (appended; truncated to the resumed step on resume);
+- ``log.jsonl`` — one line every ``log_every`` steps (appended; truncated to the resumed step on resume);
 - ``snapshots/step-NNNNNNN/`` — with ``keep_every``: the encoder (and its card) every N steps.
 """
 
