@@ -3,8 +3,8 @@
 Each reducer consumes :class:`~vitscope.capture.LayerOutput` s block by block (see
 :mod:`vitscope.analyses.reducer`), reduces them to per-image values at once and keeps only running
 moments (count, mean, sum of squared deviations, merged per batch as in Chan et al.) on the
-device, in float64 (float32 on MPS, which has no float64). Attention maps and tokens are dropped as soon as a block is reduced; nothing
-syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
+device, in float64 (float32 on MPS, which has no float64). Attention maps and tokens are dropped as
+soon as a block is reduced; nothing syncs with the host until :meth:`rows`. Rows follow :mod:`vitscope.results`:
 
 - ``attention_distance``, ``nmi``, ``attention_entropy``: per head (``head`` = 0..H−1) and per layer
   (``head`` empty: the mean over heads), layers 1..L.

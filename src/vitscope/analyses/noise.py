@@ -2,8 +2,9 @@
 
 Steps:
 1. :func:`band_masks` splits the image's 2-D FFT grid into ``num_bands`` rings of equal width in radial
-   frequency r = sqrt(f_y² + f_x²) (cycles per pixel, from 0 at DC to the grid's largest radius, sqrt(0.5) for even sizes); band 0
-   holds the lowest frequencies. The rings are disjoint and cover every frequency.
+   frequency r = sqrt(f_y² + f_x²) (cycles per pixel, from 0 at DC to the grid's largest radius,
+   sqrt(0.5) for even sizes); band 0 holds the lowest frequencies. The rings are disjoint and cover
+   every frequency.
 2. :func:`band_limited_noise` draws white Gaussian noise per image and channel, keeps only one band's
    Fourier coefficients (the mask is symmetric under f -> −f, so the result is real) and rescales each
    image's noise to the requested L2 norm (over channels and pixels).

@@ -7,9 +7,9 @@ whatever device the images live on.
 Recipes (official ones, scaled for small grayscale images such as 28 px Fashion-MNIST):
 - MoCo v3: random resized crop (scale 0.08–1; 0.2–1 for images ≤ 64 px, since an 8 % crop of a 28 px
   image leaves a few pixels), flip, colour jitter p=0.8 (brightness 0.4, contrast 0.4, saturation 0.2;
-  hue is skipped for every input: it is the identity on grayscale, which these recipes target), grayscale p=0.2, Gaussian blur p=1.0 / 0.1 on
-  the two views (σ ∈ [0.1, 2.0] px at 224 px, scaled by size/224 but at least by 1/4), solarize
-  p=0 / 0.2.
+  hue is skipped for every input: it is the identity on grayscale, which these recipes target),
+  grayscale p=0.2, Gaussian blur p=1.0 / 0.1 on the two views (σ ∈ [0.1, 2.0] px at 224 px, scaled
+  by size/224 but at least by 1/4), solarize p=0 / 0.2.
 - SimMIM: random resized crop (scale 0.67–1, ratio 3/4–4/3), flip.
 - MAE: random resized crop (scale 0.2–1), flip.
 Images come in as uint8 [B, H, W] (grayscale) or [B, H, W, 3] and leave as float [B, 3, S, S],

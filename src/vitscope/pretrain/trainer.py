@@ -3,7 +3,8 @@
 Reproducibility contract: the images of step s on rank r, their augmentation and masks are a function
 of (seed, s, r) alone (:mod:`vitscope.pretrain.batches`). A run resumed from any checkpoint therefore
 ends bit-identical to an uninterrupted one (on CPU), provided model, optimizer and global RNG states
-are restored (the schedule is recomputed from the config and the step) — all of which ``train_state.pt`` holds (:mod:`vitscope.pretrain.checkpoint`).
+are restored — all of which ``train_state.pt`` holds (:mod:`vitscope.pretrain.checkpoint`); the
+schedule is recomputed from the config and the step.
 
 Files under ``out`` (written by rank 0 only, each atomically):
 - ``encoder.safetensors`` — the encoder under timm's key names;
