@@ -39,8 +39,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture.layer import Capture, LayerOutput, ModelFacts, OnLayer, pair
-from vitscope.capture.vit import UnsupportedModelError
+from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
+from vitscope.capture.layer import ModelFacts, OnLayer, pair
 
 __all__ = ["HFCapture", "HFLayout", "LAYOUTS", "find_layout", "supported_classes"]
 
@@ -189,7 +189,7 @@ def _scaled(x: Tensor, scale: Any) -> Tensor:
     return x * scale
 
 
-class HFCapture(Capture):
+class HFCapture(BlockCapture):
     """Capture for ``transformers`` ViT-style vision encoders (see the module docstring and :data:`LAYOUTS`).
 
     Args:
@@ -289,7 +289,7 @@ class HFCapture(Capture):
         self, image_hw: tuple[int, int], slot: dict[str, Tensor], on_layer: OnLayer
     ) -> list[torch.utils.hooks.RemovableHandle]:
         def first_input(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            on_layer(self._layer(0, _hidden_states(args, kwargs), image_hw, {}))
+            on_layer(self.token_layer(0, _hidden_states(args, kwargs), image_hw, {}))
 
         handles = [self.blocks[0].register_forward_pre_hook(first_input, with_kwargs=True)]
         try:
@@ -323,7 +323,7 @@ class HFCapture(Capture):
             if self.branches:
                 extra.update(self._branches(depth, slot, tokens))
             slot.clear()
-            layer = self._layer(depth, tokens, image_hw, extra)
+            layer = self.token_layer(depth, tokens, image_hw, extra)
             del extra
             on_layer(layer)
 
@@ -356,50 +356,13 @@ class HFCapture(Capture):
 
     # -- layer outputs ---------------------------------------------------------------------------------
 
-    def _layer(
-        self, depth: int, tokens: Tensor, image_hw: tuple[int, int], extra: dict[str, Tensor | None]
-    ) -> LayerOutput:
-        """A LayerOutput from a block's hidden states [B, T, C], the token count checked against the grid."""
-        facts = self.facts
-        grid, prefix = facts.grid_for(image_hw), facts.num_prefix_tokens
-        expected = prefix + grid[0] * grid[1]
-        if tokens.ndim != 3 or tokens.shape[1] != expected:
-            raise RuntimeError(
-                f"{type(self.encoder).__name__} block {depth}: hidden states {tuple(tokens.shape)}, expected "
-                f"[B, {expected}, C] ({prefix} prefix + {grid[0]}x{grid[1]} grid) for input {image_hw}"
-            )
-        return LayerOutput(
-            depth,
-            tokens,
-            grid,
-            prefix,
-            facts.patch_size,
-            attn=extra.get("attn"),
-            head_outputs=extra.get("head_outputs"),
-            stream_in=extra.get("stream_in"),
-            attn_branch=extra.get("attn_branch"),
-            mlp_branch=extra.get("mlp_branch"),
-            has_class_token=facts.has_class_token,
-        )
-
     def _branches(self, depth: int, slot: dict[str, Tensor], output: Tensor) -> dict[str, Tensor | None]:
         """Stream in, attention branch and MLP branch [B, T, C], their sum checked on the first batch."""
         stream_in, attn_branch, mlp_branch = slot.get("stream_in"), slot.get("attn_branch"), slot.get("mlp_branch")
         if stream_in is None or attn_branch is None or mlp_branch is None:
             return {}
-        if not self._verified:
-            self._check_sum(depth, stream_in + attn_branch + mlp_branch, output)
+        self.check_branches(depth, stream_in, attn_branch, mlp_branch, output, what=f"the {self.layout.family}")
         return {"stream_in": stream_in, "attn_branch": attn_branch, "mlp_branch": mlp_branch}
-
-    def _check_sum(self, depth: int, total: Tensor, output: Tensor) -> None:
-        error = (total - output).abs().max()
-        scale = output.abs().max().clamp_min(1e-6)
-        if not bool(error <= 1e-4 * scale + 1e-5):
-            raise UnsupportedModelError(
-                f"{type(self.blocks[depth - 1]).__name__} (block {depth}): stream in + attention branch + MLP branch "
-                f"differs from the block output by {float(error):.3g}; the {self.layout.family} layout does not "
-                "describe this block (is the model in eval mode?); capture with branches=False"
-            )
 
 
 def _eager_base(cls: type) -> type:

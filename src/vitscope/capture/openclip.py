@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitscope.capture.layer import Capture, LayerOutput, ModelFacts, OnLayer, pair
-from vitscope.capture.vit import UnsupportedModelError, ViTCapture, is_vision_transformer
+from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
+from vitscope.capture.layer import Capture, ModelFacts, OnLayer, pair
+from vitscope.capture.vit import ViTCapture, is_vision_transformer
 
 __all__ = ["OpenCLIPCapture", "openclip_blocks"]
 
@@ -108,6 +109,9 @@ def _check_branches(blocks: list[nn.Module]) -> None:
                 )
 
 
+_HINT = " (is patch dropout active? call model.eval())"
+
+
 def _batch_first(block: nn.Module) -> bool:
     """Whether the block works on [B, T, C] (True) or [T, B, C]: its attention module says."""
     return bool(getattr(block.attn, "batch_first", True))
@@ -143,7 +147,7 @@ def value_projection(attn: nn.MultiheadAttention, value: Tensor) -> Tensor:
     return v.reshape(v.shape[0], v.shape[1], attn.num_heads, embed // attn.num_heads).transpose(1, 2)
 
 
-class OpenCLIPCapture(Capture):
+class OpenCLIPCapture(BlockCapture):
     """Capture for an OpenCLIP visual tower (see the module docstring).
 
     Args:
@@ -206,7 +210,7 @@ class OpenCLIPCapture(Capture):
             first = self.blocks[0]
 
             def on_first_input(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-                on_layer(self._layer(0, self._tokens(first, _hidden(args, kwargs)), image_hw, {}))
+                on_layer(self.token_layer(0, self._tokens(first, _hidden(args, kwargs)), image_hw, {}, hint=_HINT))
 
             handles.append(first.register_forward_pre_hook(on_first_input, with_kwargs=True))
             for depth, block in enumerate(self.blocks, start=1):
@@ -226,31 +230,6 @@ class OpenCLIPCapture(Capture):
     def _tokens(block: nn.Module, x: Tensor) -> Tensor:
         """A block's tensor as batch-first tokens [B, T, C] (a view; [T, B, C] in sequence-first towers)."""
         return x if _batch_first(block) else x.transpose(0, 1)
-
-    def _layer(self, depth: int, tokens: Tensor, image_hw: tuple[int, int], extra: _Slot) -> LayerOutput:
-        """A LayerOutput from tokens [B, T, C], T checked against prefix + grid."""
-        facts = self.facts
-        grid, prefix = facts.grid_for(image_hw), facts.num_prefix_tokens
-        expected = prefix + grid[0] * grid[1]
-        if tokens.ndim != 3 or tokens.shape[1] != expected:
-            raise RuntimeError(
-                f"OpenCLIP block {depth}: hidden states of shape {tuple(tokens.shape)}, expected [B, {expected}, C] "
-                f"({prefix} prefix + {grid[0]}x{grid[1]} grid) for input {image_hw} (is patch dropout active? "
-                "call model.eval())"
-            )
-        return LayerOutput(
-            depth,
-            tokens,
-            grid,
-            prefix,
-            facts.patch_size,
-            attn=extra.get("attn"),
-            head_outputs=extra.get("head_outputs"),
-            stream_in=extra.get("stream_in"),
-            attn_branch=extra.get("attn_branch"),
-            mlp_branch=extra.get("mlp_branch"),
-            has_class_token=facts.has_class_token,
-        )
 
     def _hook_block(
         self, block: nn.Module, depth: int, slot: _Slot, on_layer: OnLayer, image_hw: tuple[int, int]
@@ -273,7 +252,7 @@ class OpenCLIPCapture(Capture):
             if self.branches:
                 extra.update(self._branches(depth, slot, tokens))
             slot.clear()
-            layer = self._layer(depth, tokens, image_hw, extra)
+            layer = self.token_layer(depth, tokens, image_hw, extra, hint=_HINT)
             del extra
             on_layer(layer)
 
@@ -326,12 +305,5 @@ class OpenCLIPCapture(Capture):
         present = {name: value for name, value in parts.items() if value is not None}
         if len(present) < 3:
             return {}
-        if not self._verified:
-            ok, error = _close(present["stream_in"] + present["attn_branch"] + present["mlp_branch"], output)
-            if not ok:
-                raise UnsupportedModelError(
-                    f"{type(self.blocks[depth - 1]).__name__} (block {depth}): stream in + ls_1 output + ls_2 output "
-                    f"differs from the block output by {error:.3g}; its residual layout is not x + attn + mlp "
-                    "(capture with branches=False)"
-                )
+        self.check_branches(depth, present["stream_in"], present["attn_branch"], present["mlp_branch"], output)
         return present

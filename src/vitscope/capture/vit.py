@@ -28,13 +28,10 @@ from typing import Protocol, SupportsInt, cast
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture.layer import Capture, LayerOutput, ModelFacts, OnLayer, pair
+from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
+from vitscope.capture.layer import LayerOutput, ModelFacts, OnLayer, pair
 
 __all__ = ["ViTCapture", "is_vision_transformer", "transformer_blocks", "UnsupportedModelError"]
-
-
-class UnsupportedModelError(TypeError):
-    """vitscope cannot analyse (this part of) this architecture; the message says what and why."""
 
 
 _Extra = dict[str, Tensor | None]  # the optional tensors of a LayerOutput, by field name
@@ -103,7 +100,7 @@ def _check_supported(model: nn.Module, blocks: list[nn.Module]) -> None:
         raise UnsupportedModelError(f"{type(model).__name__}: {reason} {_WITHOUT_ATTENTION}")
 
 
-class ViTCapture(Capture):
+class ViTCapture(BlockCapture):
     """Capture for timm transformers (see the module docstring).
 
     Args:
@@ -201,37 +198,28 @@ class ViTCapture(Capture):
     def _layer(
         self, depth: int, hidden: Tensor, image_hw: tuple[int, int], extra: _Extra, window: tuple[int, int] | None
     ) -> LayerOutput:
-        """A LayerOutput from a block's hidden states [B, T, C] or [B, H, W, C]."""
-        facts = self.facts
-        if hidden.ndim == 4:
-            grid = (int(hidden.shape[1]), int(hidden.shape[2]))
-            patch = (image_hw[0] // grid[0], image_hw[1] // grid[1])
-            prefix = 0
-        elif hidden.ndim == 3:
-            grid, patch, prefix = facts.grid_for(image_hw), facts.patch_size, facts.num_prefix_tokens
-            expected = prefix + grid[0] * grid[1]
-            if hidden.shape[1] != expected:
-                raise RuntimeError(
-                    f"block {depth}: {hidden.shape[1]} tokens, expected {prefix} prefix + "
-                    f"{grid[0]}x{grid[1]} grid = {expected} for input {image_hw}"
-                )
-        else:
+        """A LayerOutput from a block's hidden states: tokens [B, T, C], or a channels-last grid [B, H, W, C]
+        (SAM, Swin) laid out as tokens with the grid and stride it shows."""
+        if hidden.ndim == 3:
+            return self.token_layer(depth, hidden, image_hw, extra, window=window)
+        if hidden.ndim != 4:
             raise RuntimeError(
                 f"block {depth} of {type(self.model).__name__} gave hidden states of shape {tuple(hidden.shape)}; "
                 "expected tokens [B, T, C] or a channels-last grid [B, H, W, C]"
             )
+        grid = (int(hidden.shape[1]), int(hidden.shape[2]))
+        patch = (image_hw[0] // grid[0], image_hw[1] // grid[1])
         return LayerOutput(
             depth,
             _as_tokens(hidden),
             grid,
-            prefix,
+            0,
             patch,
             attn=extra.get("attn"),
             head_outputs=extra.get("head_outputs"),
             stream_in=extra.get("stream_in"),
             attn_branch=extra.get("attn_branch"),
             mlp_branch=extra.get("mlp_branch"),
-            has_class_token=facts.has_class_token and prefix > 0,
             window=window,
         )
 
@@ -323,16 +311,5 @@ class ViTCapture(Capture):
             padded = (-(-h // window[0]) * window[0], -(-w // window[1]) * window[1])
             attn_branch = window_unpartition(attn_branch, window[0], (h, w), padded)
         stream_in, attn_branch, mlp_branch = _as_tokens(stream_in), _as_tokens(attn_branch), _as_tokens(mlp_branch)
-        if not self._verified:
-            self._check_sum(depth, stream_in, attn_branch, mlp_branch, _as_tokens(output))
+        self.check_branches(depth, stream_in, attn_branch, mlp_branch, _as_tokens(output))
         return {"stream_in": stream_in, "attn_branch": attn_branch, "mlp_branch": mlp_branch}
-
-    def _check_sum(self, depth: int, stream_in: Tensor, attn: Tensor, mlp: Tensor, output: Tensor) -> None:
-        error = (stream_in + attn + mlp - output).abs().max()
-        scale = output.abs().max().clamp_min(1e-6)
-        if not bool(error <= 1e-4 * scale + 1e-5):
-            raise UnsupportedModelError(
-                f"{type(self.blocks[depth - 1]).__name__} (block {depth}): stream in + attention branch + MLP branch "
-                f"differs from the block output by {float(error):.3g}; its residual layout is not x + attn + mlp, so "
-                "residual ratios are not defined for it (capture with branches=False)"
-            )
