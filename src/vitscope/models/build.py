@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from vitscope.models.load_report import CheckpointMismatchError, LoadReport
 
-__all__ = ["create_timm_model", "load_into", "adapt_state_dict", "seeded"]
+__all__ = ["create_timm_model", "load_into", "compare_keys", "adapt_state_dict", "seeded"]
 
 _CLASSIFIER_PREFIXES = ("head.", "fc_norm.")  # absent from SSL checkpoints; never encoder weights
 
@@ -110,6 +110,17 @@ def _spread_shared_rel_pos_bias(state: dict[str, Tensor], target: Mapping[str, T
     report.notes.append(f"shared relative position bias copied into each of {len(block_keys)} blocks")
 
 
+def compare_keys(state: Mapping[str, Tensor], target: Mapping[str, Tensor], report: LoadReport) -> None:
+    """Fill ``report``'s missing, unexpected and mis-shaped keys of ``state`` against the model's ``target``."""
+    report.missing = [key for key in target if key not in state]
+    report.unexpected = [key for key in state if key not in target]
+    report.mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+        for key, value in state.items()
+        if key in target and value.shape != target[key].shape
+    ]
+
+
 def load_into(
     model: nn.Module,
     state: Mapping[str, Tensor],
@@ -121,13 +132,7 @@ def load_into(
     """Adapt, compare and load ``state`` into ``model``; fill and return ``report`` (see module doc)."""
     state = adapt_state_dict(state, model, report)
     target = model.state_dict()
-    report.missing = [key for key in target if key not in state]
-    report.unexpected = [key for key in state if key not in target]
-    report.mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-        for key, value in state.items()
-        if key in target and value.shape != target[key].shape
-    ]
+    compare_keys(state, target, report)
     encoder_missing = [key for key in report.missing if not key.startswith(allow_missing)]
     if strict and (encoder_missing or report.unexpected or report.mismatched):
         raise CheckpointMismatchError(_mismatch_message(report, encoder_missing))

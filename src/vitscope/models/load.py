@@ -51,7 +51,7 @@ from vitscope.models.converters import (
 )
 from vitscope.models.load_report import LoadReport, WeightsNotFoundError
 from vitscope.models.safe_load import read_checkpoint, read_state_dict
-from vitscope.models.specs import CHECKPOINT_KINDS, ModelSpec, parse_spec
+from vitscope.models.specs import CHECKPOINT_KINDS, ModelSpec, option_bool, parse_spec
 from vitscope.models.timm_weights import locate_timm_weights
 
 __all__ = ["load_model", "ENCODER_FILE"]
@@ -71,7 +71,7 @@ def load_model(spec: str | ModelSpec, **options: Any) -> nn.Module:
     """
     parsed = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
     opts = {**parsed.options, **options}
-    strict = _as_bool(opts.pop("strict", True), "strict")
+    strict = option_bool(opts.pop("strict", True), "strict")
     seed = opts.pop("seed", 0)
     if parsed.kind == "random":
         model, report = _load_random(parsed, opts, seed)
@@ -95,14 +95,6 @@ def load_model(spec: str | ModelSpec, **options: Any) -> nn.Module:
     model.vitscope_load_report = report  # type: ignore[assignment]  # torch stub: a Module attribute may hold any value
     report.log()
     return model
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"option {name}={value!r}: expected true or false")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _reject(parsed: ModelSpec, opts: Mapping[str, Any], names: tuple[str, ...], why: str) -> None:

@@ -40,10 +40,10 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from vitscope.data.transforms import Preprocess, attach_preprocess
-from vitscope.models.build import seeded
+from vitscope.models.build import compare_keys, seeded
 from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError
 from vitscope.models.safe_load import read_state_dict
-from vitscope.models.specs import ModelSpec
+from vitscope.models.specs import ModelSpec, option_bool
 
 __all__ = ["load_open_clip", "split_visual_state"]
 
@@ -169,7 +169,7 @@ def _vision_config(
         overrides["image_size"] = size
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
     if opts.get("quick_gelu") is not None:
-        quick_gelu = _as_bool(opts["quick_gelu"], "quick_gelu")
+        quick_gelu = option_bool(opts["quick_gelu"], "quick_gelu")
     elif "quick_gelu" in tag_cfg:
         quick_gelu = bool(tag_cfg["quick_gelu"])
     overrides["quick_gelu"] = quick_gelu
@@ -186,14 +186,6 @@ def _image_size(visual: nn.Module) -> tuple[int, int] | None:
     if isinstance(size, (list, tuple)) and len(size) == 2:
         return (int(size[0]), int(size[1]))
     return None
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"option {name}={value!r}: expected true or false")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _build_tower(
@@ -296,13 +288,7 @@ def _load_weights(visual: nn.Module, state: dict[str, Tensor], report: LoadRepor
         report.notes.append(f"text tower / logit scale not loaded ({len(dropped)} tensors): vitscope analyses images")
     _resize_position_embedding(visual, weights, report)
     target = visual.state_dict()
-    report.missing = [key for key in target if key not in weights]
-    report.unexpected = [key for key in weights if key not in target]
-    report.mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-        for key, value in weights.items()
-        if key in target and value.shape != target[key].shape
-    ]
+    compare_keys(weights, target, report)
     if strict and not report.complete:
         raise CheckpointMismatchError(_mismatch_message(report, prefix))
     fitting = {key: value for key, value in weights.items() if key in target and value.shape == target[key].shape}

@@ -15,7 +15,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelSpec", "parse_spec", "KINDS", "CHECKPOINT_KINDS"]
+__all__ = ["ModelSpec", "parse_spec", "option_bool", "KINDS", "CHECKPOINT_KINDS"]
 
 CHECKPOINT_KINDS = ("moco-v3", "mae", "simmim", "dino", "beit")
 KINDS = ("timm", "random", *CHECKPOINT_KINDS, "file", "bundled", "hf", "open_clip")
@@ -85,3 +85,12 @@ def _parse_value(value: str) -> Any:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return value
+
+
+def option_bool(value: Any, name: str) -> bool:
+    """A spec option read as a boolean (``true``/``false``, ``1``/``0``, ``yes``/``no``, or a bool)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"option {name}={value!r}: expected true or false")
+        return value.lower() in ("true", "1", "yes")
+    return bool(value)
