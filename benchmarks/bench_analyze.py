@@ -32,23 +32,9 @@ from pathlib import Path
 
 import torch
 
-PASS_ANALYSES = (
-    "attention_distance",
-    "nmi",
-    "attention_entropy",
-    "token_cosine",
-    "head_cosine",
-    "depth_cosine",
-    "effective_rank",
-    "singular_values",
-    "fourier_high",
-    "fourier_delta",
-    "residual_ratio_attn",
-    "residual_ratio_mlp",
-    "cka",
-    "attention_maps",
-    "localisation",
-)
+from vitscope.analyses import ALL_METRICS
+
+PASS_ANALYSES = (*ALL_METRICS, "cka", "attention_maps", "localisation")  # what rides on the one pass
 
 
 def specs(names: list[str]) -> dict[str, str]:

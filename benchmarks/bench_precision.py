@@ -16,21 +16,9 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from vitscope.analyses import AnalysisConfig, analyze
+from vitscope.analyses import SCALAR_METRICS, AnalysisConfig, analyze
 
-ANALYSES = (
-    "attention_distance",
-    "nmi",
-    "attention_entropy",
-    "token_cosine",
-    "head_cosine",
-    "depth_cosine",
-    "effective_rank",
-    "fourier_high",
-    "residual_ratio_attn",
-    "residual_ratio_mlp",
-    "cka",
-)
+ANALYSES = (*SCALAR_METRICS, "cka")
 
 
 def rows(models: list[str], data: str, images: int, precision: str, device: str) -> dict[tuple, tuple]:
