@@ -126,23 +126,25 @@ def noise_robustness(
     """
     generator = torch.Generator().manual_seed(seed)
     masks: Tensor | None = None
-    clean, noisy, total = 0, torch.zeros(num_bands, dtype=torch.long), 0
+    correct = torch.zeros(1 + num_bands, dtype=torch.long, device=device)  # clean, then each band; no per-batch sync
+    total = 0
     for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         if len(batch.images) == 0:
             continue
-        images, labels = batch.images.to(device), batch.labels.to(device)
-        if int(labels.min()) < 0:
+        if int(batch.labels.min()) < 0:  # the loader's labels, still on the CPU
             raise ValueError("noise robustness needs labelled images (labels ≥ 0)")
+        images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
         b, c, h, w = images.shape
         if masks is None:
             masks = band_masks(h, w, num_bands)
         scale = relative_norm * math.sqrt(c * h * w) if norm is None else norm
-        clean += int((classifier(images).argmax(dim=-1) == labels).sum())
+        correct[0] += (classifier(images).argmax(dim=-1) == labels).sum()
         for band in range(num_bands):
             noise = band_limited_noise((b, c, h, w), masks[band], scale, generator=generator)
             pred = classifier(images + noise.to(images.device, images.dtype)).argmax(dim=-1)
-            noisy[band] += int((pred == labels).sum())
+            correct[1 + band] += (pred == labels).sum()
         total += b
     if total == 0:
         raise ValueError("noise robustness: no images")
-    return NoiseResult(100.0 * clean / total, (100.0 * noisy.double() / total).tolist(), total, float(scale))
+    top1 = (100.0 * correct.double() / total).cpu().tolist()
+    return NoiseResult(top1[0], top1[1:], total, float(scale))
