@@ -93,13 +93,32 @@ def hardware() -> str:
     )
     return (
         f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; one thread per training run "
-        f"(OMP_NUM_THREADS=1), three runs at a time (scripts/train_bundled.sh); torch {torch.__version__}"
+        f"(OMP_NUM_THREADS=1), two runs at a time at the lowest priority (scripts/train_bundled.sh); "
+        f"torch {torch.__version__}"
     )
+
+
+def schedule(run_dir: Path) -> dict:
+    """The run's planned length (steps, epochs, batch) from its train state; how far it got."""
+    state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    config, position = state["config"], state["data_position"]
+    total = state["scheduler"]["total_steps"] if state.get("scheduler") else None
+    per_epoch = position["steps_per_epoch"]
+    return {
+        "batch_size": config["batch_size"],
+        "lr": config["lr"],
+        "planned_steps": total,
+        "planned_epochs": None if total is None else round(total / per_epoch, 2),
+        "steps_done": state["step"],
+        "epochs_done": round(state["step"] / per_epoch, 2),
+        "complete": total is not None and state["step"] >= total,
+    }
 
 
 def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], command: str) -> dict:
     info = json.loads((run_dir / "encoder.json").read_text())
     final = last_log_line(run_dir / "log.jsonl")
+    plan = schedule(run_dir)
     model = load_model(f"file:{run_dir / 'encoder.safetensors'}", arch=info["arch"], **info["arch_kwargs"])
     card = {
         "name": name,
@@ -112,9 +131,10 @@ def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], comma
         "command": command,
         "seed": info.get("seed", 0),
         "steps": info.get("step"),
-        "images_seen": info.get("images_seen"),
+        "schedule": plan,
+        "images_seen": None if info.get("step") is None else info["step"] * plan["batch_size"],
         "wall_time_s": round(walls.get(name, float("nan")), 1),
-        "wall_time_note": "while sharing the 2 cores with the other training runs of the script",
+        "wall_time_note": "while sharing the 2 cores with the other lane of the script and other work",
         "hardware": hardware(),
         "final_loss": final.get("loss"),
         "final_log": final,
