@@ -49,20 +49,22 @@ def probe_accuracy(model: torch.nn.Module, seed: int = 0) -> dict[str, list[floa
     return out
 
 
-def wall_times(train_log: Path) -> dict[str, float]:
-    """Seconds per run name, summed over (start, done) pairs of the training script's log."""
-    totals: dict[str, float] = {}
-    started: dict[str, datetime] = {}
-    if not train_log.exists():
-        return totals
-    for line in train_log.read_text().splitlines():
-        stamp, event, name = line.split()
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-        if event == "start":
-            started[name] = when
-        elif event == "done" and name in started:
-            totals[name] = totals.get(name, 0.0) + (when - started.pop(name)).total_seconds()
-    return totals
+def training_seconds(log: Path, batch_size: int) -> float:
+    """Seconds spent training, from the log's per-step images/s (exact across kills and resumes).
+
+    Every logged line covers the steps since the previous one at its reported throughput; a resumed
+    run truncates the log to the resumed step, so no step is counted twice.
+    """
+    total, previous = 0.0, None
+    for line in log.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        rate = record.get("images_per_s")
+        if previous is not None and rate:
+            total += (record["step"] - previous) * batch_size / rate
+        previous = record["step"]
+    return total
 
 
 def read_commands(path: Path) -> dict[str, str]:
@@ -78,7 +80,7 @@ def last_log_line(log: Path) -> dict:
 
 
 def hardware() -> str:
-    """Where the training script runs: this machine's CPU, one thread per run, three runs at a time."""
+    """Where the training script runs: this machine's CPU, one thread per run, two runs at a time."""
     model = (
         next(
             (
@@ -115,7 +117,7 @@ def schedule(run_dir: Path) -> dict:
     }
 
 
-def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], command: str) -> dict:
+def package(run_dir: Path, dest: Path, name: str, command: str) -> dict:
     info = json.loads((run_dir / "encoder.json").read_text())
     final = last_log_line(run_dir / "log.jsonl")
     plan = schedule(run_dir)
@@ -133,8 +135,9 @@ def package(run_dir: Path, dest: Path, name: str, walls: dict[str, float], comma
         "steps": info.get("step"),
         "schedule": plan,
         "images_seen": None if info.get("step") is None else info["step"] * plan["batch_size"],
-        "wall_time_s": round(walls.get(name, float("nan")), 1),
-        "wall_time_note": "while sharing the 2 cores with the other lane of the script and other work",
+        "wall_time_s": round(training_seconds(run_dir / "log.jsonl", plan["batch_size"]), 1),
+        "wall_time_note": "time in training steps, summed over resumed sessions, while sharing the 2 cores "
+        "with the other lane of the script and other work",
         "hardware": hardware(),
         "final_loss": final.get("loss"),
         "final_log": final,
@@ -157,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", nargs="+", default=["moco", "simmim", "mae", "hybrid"])
     args = parser.parse_args(argv)
     runs, dest = Path(args.runs), Path(args.dest)
-    walls = wall_times(runs / "train.log")
     commands = read_commands(runs / "commands.tsv")
     for name in args.names:
         if not (runs / name / "encoder.safetensors").exists():
             print(f"{name}: no encoder.safetensors in {runs / name}; skipped", file=sys.stderr)
             continue
-        card = package(runs / name, dest, name, walls, commands.get(name, ""))
+        card = package(runs / name, dest, name, commands.get(name, ""))
         probe = card["linear_probe_top1"]
         print(
             f"{name}: step {card['steps']}, final loss {card['final_loss']:.4f}, "
