@@ -3,12 +3,13 @@
     python scripts/track_snapshots.py RUNS_DIR [--names moco simmim ...] [--images 256] [--plot PNG]
 
 For each run RUNS_DIR/NAME written by ``vitscope pretrain --keep-every N`` it loads every
-``snapshots/step-NNNNNNN/encoder.safetensors`` (``file:`` spec, strict), measures attention distance,
-NMI, attention entropy, token cosine and the high-frequency Fourier Δ on the same Fashion-MNIST test
-images in one pass (``vitscope.analyses.analyze_model``), and writes RUNS_DIR/curves.csv: one row
-per (run, epoch, metric) with the mean over the late blocks (the last third) and over the early
-blocks (the first third). An untrained model of the same architecture is measured too (run
-``random``, epoch 0). Snapshots already in curves.csv are not measured again. ``--plot`` draws the
+``snapshots/step-NNNNNNN/encoder.safetensors`` (``file:`` spec, strict) and measures attention
+distance, NMI, attention entropy, token cosine, effective rank (every pair of images) and the
+high-frequency Fourier Δ on the same Fashion-MNIST test images in one pass
+(``vitscope.analyses.analyze_model``). It writes RUNS_DIR/curves.csv: one row per (run, epoch,
+metric) with the mean over the late blocks (the last third) and over the early blocks (the first
+third). An untrained model of the same architecture is measured too (run ``random``, epoch 0).
+Snapshots already in curves.csv with every metric are not measured again. ``--plot`` draws the
 curves against epochs.
 """
 
@@ -27,7 +28,7 @@ from vitscope.data import build_transform, make_loader, open_dataset
 from vitscope.io import write_text_atomic
 from vitscope.models import load_model, read_card
 
-METRICS = ("attention_distance", "nmi", "attention_entropy", "token_cosine", "fourier_high")
+METRICS = ("attention_distance", "nmi", "attention_entropy", "token_cosine", "effective_rank", "fourier_high")
 FIELDS = ("run", "step", "epoch", "metric", "early", "late")
 
 
@@ -36,7 +37,7 @@ def measure(spec: str, images: int, seed: int = 0) -> dict[str, tuple[float, flo
     model = load_model(spec)
     loader = make_loader(open_dataset("fashion-mnist", "test", build_transform(model)), num_images=images,
                          batch_size=128, seed=seed)  # fmt: skip
-    results = analyze_model(model, loader, label="m", metrics=list(METRICS), progress=None)
+    results = analyze_model(model, loader, label="m", metrics=list(METRICS), spectrum_groups=None, progress=None)
     depth = len(model.blocks)
     third = max(1, depth // 3)
     early, late = range(1, third + 1), range(depth - third + 1, depth + 1)
@@ -70,7 +71,11 @@ def steps_per_epoch(run: Path) -> float:
 def track(runs_dir: Path, names: list[str], images: int) -> list[dict]:
     path = runs_dir / "curves.csv"
     rows = read_rows(path)
-    done = {(r["run"], int(r["step"])) for r in rows}
+    measured: dict[tuple[str, int], set[str]] = {}
+    for r in rows:
+        measured.setdefault((r["run"], int(r["step"])), set()).add(r["metric"])
+    done = {key for key, metrics in measured.items() if metrics >= set(METRICS)}
+    rows = [r for r in rows if (r["run"], int(r["step"])) in done]  # re-measure snapshots missing a metric
     for name in names:
         run = runs_dir / name
         snapshots = sorted((run / "snapshots").glob("step-*/encoder.safetensors"))
@@ -100,10 +105,16 @@ def track(runs_dir: Path, names: list[str], images: int) -> list[dict]:
 def plot(rows: list[dict], out: Path) -> None:
     from matplotlib.figure import Figure
 
-    titles = {"attention_distance": "attention distance (px)", "nmi": "NMI", "attention_entropy": "row entropy (nats)",
-              "token_cosine": "token cosine", "fourier_high": "high-frequency Δ log amplitude"}  # fmt: skip
-    figure = Figure(figsize=(3.2 * len(METRICS), 3.0), layout="constrained")
-    axes = figure.subplots(1, len(METRICS))
+    titles = {
+        "attention_distance": "attention distance (px)",
+        "nmi": "NMI",
+        "attention_entropy": "row entropy (nats)",
+        "token_cosine": "token cosine",
+        "effective_rank": "effective rank",
+        "fourier_high": "high-frequency Δ log amplitude",
+    }
+    figure = Figure(figsize=(10.5, 6.0), layout="constrained")
+    axes = list(figure.subplots(2, 3).flat)
     runs = [r for r in dict.fromkeys(row["run"] for row in rows) if r != "random"]
     for ax, metric in zip(axes, METRICS):
         for run in runs:
