@@ -181,6 +181,15 @@ def test_separability_fails_when_mim_best_layer_is_its_last():
     assert v.numbers["mim_best_probe_layer"] == L
 
 
+def test_separability_names_a_middle_best_layer_that_is_not_clearly_above_the_last():
+    # best layer 4 (77 %) vs the last (74 %): 3 points, under 5 % of 77 (3.85), so not "clearly" better
+    v = verdicts(overrides={("mim", "probe_cls"): [0.50, 0.60, 0.70, 0.77, 0.75, 0.74]})[5]
+    assert v.status == FAILS
+    assert v.evidence.startswith("MIM's best probe layer (4) is not clearly above its last")
+    assert "is its last" not in v.evidence
+    assert v.numbers["mim_best_probe_layer"] == 4
+
+
 def test_separability_fails_when_cl_is_within_two_points_of_the_untrained_control():
     v = verdicts(control="control", overrides={("control", "probe_cls"): [0.3, 0.4, 0.5, 0.6, 0.7, 0.785]})[5]
     assert v.status == FAILS

@@ -381,12 +381,19 @@ def _mim_best_layer(ctx: _Context, numbers: dict) -> Check:
     at_last = int(np.flatnonzero(series.layers == last)[0])
     numbers.update(mim_best_probe_layer=float(series.layers[best]), mim_best_probe=float(values[best]))
     best_est, last_est = Estimate(values[best], stderr[best]), Estimate(values[at_last], stderr[at_last])
-    ok = series.layers[best] != last and greater(best_est, last_est, ctx.tol)
+    best_is_last = series.layers[best] == last
+    ok = not best_is_last and greater(best_est, last_est, ctx.tol)
+    failure = (
+        "MIM's best probe layer is its last"
+        if best_is_last
+        else f"MIM's best probe layer ({series.layers[best]}) is not clearly above its last "
+        "(difference within the stderr / relative margin)"
+    )
     return Check(
         bool(ok),
         f"MIM {model}'s best probe layer: {series.layers[best]} of {last} "
         f"({values[best]:.1f}% vs {values[at_last]:.1f}% at the last layer)",
-        failure="MIM's best probe layer is its last",
+        failure=failure,
     )
 
 
