@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pretrain.py [--batch-size 64] [--steps 5] [--threads N] [--tiny] [--json PATH]
 
-For the bundled-model config (vit_tiny_patch16_224 with img_size 28, patch 4, embed_dim 96, depth 6,
+For the bundled-model config (vit_tiny_patch16_224 with img_size 28, patch 4, embed_dim 64, depth 6,
 4 heads — ``--tiny``: a 2-block 32-dim ViT at 16 px, for a smoke test) and each method (moco,
 simmim, mae, hybrid with SimMIM and λ = 0.2), it times whole training steps exactly as the trainer
 runs them (batched augmentation and masks from a seeded generator, forward, backward, gradient
