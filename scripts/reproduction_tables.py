@@ -1,0 +1,92 @@
+"""Markdown tables for docs/reproduction.md from a demo run and the training runs' learning curves.
+
+    python scripts/reproduction_tables.py [--demo runs/demo] [--curves runs/bundled/curves.csv]
+                                          [--sweep runs/sweep-moco-a runs/sweep-moco-b]
+
+Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) late-block metrics against epochs from
+``curves.csv`` (scripts/track_snapshots.py), (3) for each sweep directory, every variant's late-block
+metrics at its last snapshot. Numbers only: the page's text is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from vitscope.results import RunDirectory
+
+CURVE_METRICS = ("attention_distance", "nmi", "attention_entropy", "token_cosine", "effective_rank", "fourier_high")
+HEADERS = ("distance (px)", "NMI", "entropy (nats)", "token cos", "eff. rank", "high-freq Δ")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def probe_table(demo: Path) -> str:
+    results = RunDirectory(demo).load_results()
+    models = list(dict.fromkeys(row["model"] for row in results.select(metric="linear_probe_top1")))
+    depths = sorted({row["layer"] for row in results.select(metric="linear_probe_top1")})
+    rows = []
+    for model in models:
+        values = {
+            r["layer"]: r["value"] for r in results.select(metric="linear_probe_top1", model=model, feature="cls")
+        }
+        best = max(values, key=lambda d: values[d])
+        scale = 100.0 if max(values.values()) <= 1.0 else 1.0
+        rows.append(
+            [model]
+            + [
+                f"**{scale * values[d]:.1f}**" if d == best else f"{scale * values.get(d, float('nan')):.1f}"
+                for d in depths
+            ]
+        )
+    return table(["model"] + [str(d) for d in depths], rows)
+
+
+def read_curves(path: Path) -> dict[tuple[str, float], dict[str, float]]:
+    late: dict[tuple[str, float], dict[str, float]] = defaultdict(dict)
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            late[(row["run"], float(row["epoch"]))][row["metric"]] = float(row["late"])
+    return late
+
+
+def curve_rows(late: dict[tuple[str, float], dict[str, float]], keep: set[float] | None) -> list[list[str]]:
+    rows = []
+    for (run, epoch), values in sorted(late.items()):
+        if keep is not None and run != "random" and epoch not in keep:
+            continue
+        rows.append([run, f"{epoch:g}"] + [f"{values.get(m, float('nan')):.3g}" for m in CURVE_METRICS])
+    return rows
+
+
+def last_snapshots(late: dict[tuple[str, float], dict[str, float]]) -> dict[tuple[str, float], dict[str, float]]:
+    final: dict[str, float] = {}
+    for run, epoch in late:
+        final[run] = max(epoch, final.get(run, epoch))
+    return {(run, epoch): values for (run, epoch), values in late.items() if final[run] == epoch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--curves", type=Path, default=Path("runs/bundled/curves.csv"))
+    parser.add_argument("--epochs", type=float, nargs="*", default=[1, 2, 4, 6, 8, 12, 16, 20, 25, 30])
+    parser.add_argument("--sweep", type=Path, nargs="*", default=[])
+    args = parser.parse_args()
+    header = ["run", "epoch", *HEADERS]
+    if (args.demo / "metrics.csv").exists():
+        print("linear probe top-1 (%), CLS token, per depth\n" + probe_table(args.demo) + "\n")
+    if args.curves.exists():
+        print("late blocks against epochs\n" + table(header, curve_rows(read_curves(args.curves), set(args.epochs))))
+    for sweep in args.sweep:
+        late = last_snapshots(read_curves(sweep / "curves.csv"))
+        print(f"\n{sweep}: late blocks at each variant's last snapshot\n" + table(header, curve_rows(late, None)))
+
+
+if __name__ == "__main__":
+    main()
