@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "resnet50"])
-    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--processes", nargs="*", type=int, default=[1, 2], help="torchrun sizes; none: skip")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
