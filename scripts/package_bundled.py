@@ -71,7 +71,8 @@ def read_commands(path: Path) -> dict[str, str]:
     """The last command each run was started with (``NAME<TAB>COMMAND`` lines of the training script)."""
     if not path.exists():
         return {}
-    return dict(line.split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
+    root = f"{Path(__file__).resolve().parents[1]}/"  # paths inside the repository are written relative to it
+    return dict(line.replace(root, "").split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
 
 
 def last_log_line(log: Path) -> dict:
