@@ -2,7 +2,10 @@
 # Retrain the bundled models from scratch with `vitscope pretrain` only, then package them.
 #   scripts/train_bundled.sh [OUT_DIR]        (PACKAGE=0: train only, package later)
 # Budgets in epochs of Fashion-MNIST's 60,000 training images (override per run: MOCO_EPOCHS=...,
-# SIMMIM_EPOCHS, MAE_EPOCHS, HYBRID_EPOCHS). Same architecture, batch and optimizer for every objective.
+# SIMMIM_EPOCHS, MAE_EPOCHS, HYBRID_EPOCHS). Same architecture, batch and optimizer for every objective;
+# extra arguments per run (MOCO_ARGS, SIMMIM_ARGS, MAE_ARGS, HYBRID_ARGS, split into words) override the
+# recipe, e.g. MOCO_ARGS='--warmup-steps 94' HYBRID_ARGS='--warmup-steps 94' (a resumed run must be
+# given the same ones).
 # Two lanes, one thread each (two one-thread processes train 1.3x faster than one two-thread process
 # on a 2-core machine), both at the lowest CPU priority so the machine stays usable:
 #   lane 1: moco, then hybrid        lane 2: simmim, then mae
@@ -22,20 +25,22 @@ COMMON=(--model "$ARCH" --model-kwargs "$KWARGS" --data fashion-mnist --batch-si
 mkdir -p "$OUT"
 
 train() {  # NAME EPOCHS ARGS...
-  local name=$1 epochs=$2; shift 2
+  local name=$1 epochs=$2; shift 2  # ARGS come last: they override the recipe (argparse keeps the last value)
   local resume=()
   [ -f "$OUT/$name/train_state.pt" ] && resume=(--resume)
   echo "$(date -u +%FT%TZ) start $name" >> "$OUT/train.log"
-  printf '%s\tvitscope pretrain %s --out %s\n' "$name" "$(printf '%q ' "$@" --epochs "$epochs" "${COMMON[@]}")" \
+  printf '%s\tvitscope pretrain %s --out %s\n' "$name" "$(printf '%q ' "${COMMON[@]}" --epochs "$epochs" "$@")" \
     "$OUT/$name" >> "$OUT/commands.tsv"
-  OMP_NUM_THREADS=1 nice -n 19 "$VITSCOPE" pretrain "$@" --epochs "$epochs" "${COMMON[@]}" --out "$OUT/$name" \
+  OMP_NUM_THREADS=1 nice -n 19 "$VITSCOPE" pretrain "${COMMON[@]}" --epochs "$epochs" "$@" --out "$OUT/$name" \
     "${resume[@]}" >> "$OUT/$name.stdout" 2>&1
   echo "$(date -u +%FT%TZ) done $name" >> "$OUT/train.log"
 }
 
-(train moco "${MOCO_EPOCHS:-12}" --method moco
- train hybrid "${HYBRID_EPOCHS:-12}" --method hybrid --mim simmim --cl-weight 0.2) &
-(train simmim "${SIMMIM_EPOCHS:-30}" --method simmim
- train mae "${MAE_EPOCHS:-30}" --method mae) &
+# shellcheck disable=SC2086  # the *_ARGS are split into words on purpose
+(train moco "${MOCO_EPOCHS:-12}" --method moco ${MOCO_ARGS:-}
+ train hybrid "${HYBRID_EPOCHS:-12}" --method hybrid --mim simmim --cl-weight 0.2 ${HYBRID_ARGS:-}) &
+# shellcheck disable=SC2086
+(train simmim "${SIMMIM_EPOCHS:-30}" --method simmim ${SIMMIM_ARGS:-}
+ train mae "${MAE_EPOCHS:-30}" --method mae ${MAE_ARGS:-}) &
 wait
 [ "${PACKAGE:-1}" = 1 ] && .venv/bin/python scripts/package_bundled.py "$OUT"
