@@ -3,9 +3,13 @@ against the grid, and the check that the residual branches read from the blocks 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from vitscope.capture.layer import Capture, LayerOutput
 
@@ -21,12 +25,32 @@ class UnsupportedModelError(TypeError):
 class BlockCapture(Capture):
     """Base of the captures that hook transformer blocks (timm, Hugging Face, OpenCLIP).
 
-    Subclasses set ``facts`` and ``blocks`` and call :meth:`token_layer` and :meth:`check_branches`
-    from their hooks; ``_verified`` turns true after the first complete pass.
+    Subclasses set ``facts`` and ``blocks``, run their forward inside :meth:`hooked_pass` and call
+    :meth:`token_layer` and :meth:`check_branches` from their hooks; ``_verified`` turns true after the
+    first complete pass.
     """
 
     blocks: list[nn.Module]
     _verified: bool = False
+
+    @contextmanager
+    def hooked_pass(
+        self, handles: list[RemovableHandle], slot: MutableMapping[str, Any], *, grad: bool
+    ) -> Iterator[None]:
+        """The body runs the forward pass under ``torch.no_grad()`` (``enable_grad()`` when ``grad``).
+
+        After a complete pass ``_verified`` turns true (branch checks stop); whatever happens, every hook
+        in ``handles`` (also those registered inside the body) is removed and ``slot``, what the hooks
+        hand to one another, is emptied.
+        """
+        try:
+            with torch.enable_grad() if grad else torch.no_grad():
+                yield
+            self._verified = True
+        finally:
+            for handle in handles:
+                handle.remove()
+            slot.clear()
 
     def token_layer(
         self,

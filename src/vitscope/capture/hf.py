@@ -230,20 +230,11 @@ class HFCapture(BlockCapture):
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         slot: dict[str, Tensor] = {}
         handles = self._hooks(image_hw, slot, on_layer)
-        context = torch.enable_grad() if grad else torch.no_grad()
-        try:
-            with ExitStack() as stack:
-                if self.attention:
-                    stack.enter_context(self._eager_attention())
-                kwargs = stack.enter_context(self._unmasked(images)) if self.layout.unmasked else {}
-                stack.enter_context(context)
-                output = self.model(images, **kwargs)
-            self._verified = True
-            return output
-        finally:
-            for handle in handles:
-                handle.remove()
-            slot.clear()
+        with self.hooked_pass(handles, slot, grad=grad), ExitStack() as stack:
+            if self.attention:
+                stack.enter_context(self._eager_attention())
+            kwargs = stack.enter_context(self._unmasked(images)) if self.layout.unmasked else {}
+            return self.model(images, **kwargs)
 
     # -- switches, always restored -------------------------------------------------------------------
 

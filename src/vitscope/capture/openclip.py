@@ -203,28 +203,23 @@ class OpenCLIPCapture(BlockCapture):
         slot: _Slot = {}
         transformer = cast(nn.Module, self.model.transformer)
         checkpointing = getattr(transformer, "grad_checkpointing", None)
-        context = torch.enable_grad() if grad else torch.no_grad()
-        try:
+        with self.hooked_pass(handles, slot, grad=grad):
             if checkpointing:  # recomputation in backward would call the hooks (and on_layer) again
                 setattr(transformer, "grad_checkpointing", False)  # noqa: B010  (a plain attribute)
-            first = self.blocks[0]
+            try:
+                first = self.blocks[0]
 
-            def on_first_input(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-                on_layer(self.token_layer(0, self._tokens(first, _hidden(args, kwargs)), image_hw, {}, hint=_HINT))
+                def on_first_input(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                    tokens = self._tokens(first, _hidden(args, kwargs))
+                    on_layer(self.token_layer(0, tokens, image_hw, {}, hint=_HINT))
 
-            handles.append(first.register_forward_pre_hook(on_first_input, with_kwargs=True))
-            for depth, block in enumerate(self.blocks, start=1):
-                handles.extend(self._hook_block(block, depth, slot, on_layer, image_hw))
-            with context:
-                output = self.model(images)
-            self._verified = True
-            return output
-        finally:
-            for handle in handles:
-                handle.remove()
-            slot.clear()
-            if checkpointing:
-                setattr(transformer, "grad_checkpointing", checkpointing)  # noqa: B010
+                handles.append(first.register_forward_pre_hook(on_first_input, with_kwargs=True))
+                for depth, block in enumerate(self.blocks, start=1):
+                    handles.extend(self._hook_block(block, depth, slot, on_layer, image_hw))
+                return self.model(images)
+            finally:
+                if checkpointing:
+                    setattr(transformer, "grad_checkpointing", checkpointing)  # noqa: B010
 
     @staticmethod
     def _tokens(block: nn.Module, x: Tensor) -> Tensor:

@@ -184,16 +184,8 @@ class ViTCapture(BlockCapture):
         for depth, block in enumerate(self.blocks, start=1):
             handles.extend(self._hook_block(block, depth, slot, on_layer, make_layer))
 
-        context = torch.enable_grad() if grad else torch.no_grad()
-        try:
-            with self._unfused_attention(), context:
-                output = self.model(images)
-            self._verified = True
-            return output
-        finally:
-            for handle in handles:
-                handle.remove()
-            slot.clear()
+        with self.hooked_pass(handles, slot, grad=grad), self._unfused_attention():
+            return self.model(images)
 
     def _layer(
         self, depth: int, hidden: Tensor, image_hw: tuple[int, int], extra: _Extra, window: tuple[int, int] | None
