@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from vitscope.models.load_report import CheckpointMismatchError, LoadReport
+from vitscope.models.load_report import CheckpointMismatchError, LoadReport, mismatch_message
 
 __all__ = ["create_timm_model", "load_into", "compare_keys", "adapt_state_dict", "seeded"]
 
@@ -135,30 +135,17 @@ def load_into(
     compare_keys(state, target, report)
     encoder_missing = [key for key in report.missing if not key.startswith(allow_missing)]
     if strict and (encoder_missing or report.unexpected or report.mismatched):
-        raise CheckpointMismatchError(_mismatch_message(report, encoder_missing))
+        raise CheckpointMismatchError(
+            mismatch_message(
+                f"{report.path or report.spec} does not fit {report.arch} {report.arch_kwargs}:",
+                mismatched=report.mismatched,
+                missing=encoder_missing,
+                unexpected=report.unexpected,
+                advice="Pick the matching architecture with arch=/num_heads= (or fix img_size=), "
+                "or pass strict=False to load what fits.",
+            )
+        )
     fitting = {key: value for key, value in state.items() if key in target and value.shape == target[key].shape}
     model.load_state_dict(fitting, strict=False)
     report.loaded = len(fitting)
     return report
-
-
-def _mismatch_message(report: LoadReport, encoder_missing: list[str]) -> str:
-    def listing(keys: list[str]) -> str:
-        return "; ".join(keys[:15]) + (f"; ... ({len(keys) - 15} more)" if len(keys) > 15 else "")
-
-    parts = [f"{report.path or report.spec} does not fit {report.arch} {report.arch_kwargs}:"]
-    if report.mismatched:
-        parts.append(f"  shape mismatch ({len(report.mismatched)}): {listing(report.mismatched)}")
-    if encoder_missing:
-        parts.append(
-            f"  missing from the checkpoint, would stay random ({len(encoder_missing)}): {listing(encoder_missing)}"
-        )
-    if report.unexpected:
-        parts.append(
-            f"  in the checkpoint but not in the model ({len(report.unexpected)}): {listing(report.unexpected)}"
-        )
-    parts.append(
-        "  Pick the matching architecture with arch=/num_heads= (or fix img_size=), "
-        "or pass strict=False to load what fits."
-    )
-    return "\n".join(parts)

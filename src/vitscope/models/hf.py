@@ -38,7 +38,7 @@ from torch import nn
 
 from vitscope.data.transforms import Preprocess, attach_preprocess
 from vitscope.models.build import seeded
-from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError
+from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError, mismatch_message
 from vitscope.models.specs import ModelSpec
 from vitscope.models.timm_weights import hf_cache_dir
 
@@ -108,7 +108,15 @@ def load_hf(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: Any) ->
     model, info = _from_pretrained(model_class, folder, encoder_config, seed)
     _fill_report(report, model, info)
     if strict and (report.missing or report.mismatched):
-        raise CheckpointMismatchError(_mismatch_message(report))
+        raise CheckpointMismatchError(
+            mismatch_message(
+                f"{report.path} does not fit {report.arch} {report.arch_kwargs}:",
+                mismatched=report.mismatched,
+                missing=report.missing,
+                advice="Check config.json against the weights, or pass strict=False (hf:...?strict=false) "
+                "to load what fits.",
+            )
+        )
     model.eval()
     attach_preprocess(model, _preprocess(folder, config, encoder_config))
     return model, report
@@ -276,23 +284,6 @@ def _fill_report(report: LoadReport, model: nn.Module, info: dict[str, Any]) -> 
         )
     report.notes.extend(str(message) for message in info.get("error_msgs", ()))
     report.loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
-
-
-def _mismatch_message(report: LoadReport) -> str:
-    def listing(keys: list[str]) -> str:
-        return "; ".join(keys[:15]) + (f"; ... ({len(keys) - 15} more)" if len(keys) > 15 else "")
-
-    parts = [f"{report.path} does not fit {report.arch} {report.arch_kwargs}:"]
-    if report.mismatched:
-        parts.append(f"  shape mismatch ({len(report.mismatched)}): {listing(report.mismatched)}")
-    if report.missing:
-        parts.append(
-            f"  missing from the checkpoint, would stay random ({len(report.missing)}): {listing(report.missing)}"
-        )
-    parts.append(
-        "  Check config.json against the weights, or pass strict=False (hf:...?strict=false) to load what fits."
-    )
-    return "\n".join(parts)
 
 
 # -- preprocessing -------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vitscope.models.safe_load import CheckpointError
 
-__all__ = ["LoadReport", "CheckpointMismatchError", "WeightsNotFoundError", "summarize_keys"]
+__all__ = ["LoadReport", "CheckpointMismatchError", "WeightsNotFoundError", "mismatch_message", "summarize_keys"]
 
 logger = logging.getLogger("vitscope.models")
 
@@ -84,3 +85,29 @@ def summarize_keys(keys: list[str], depth: int = 2) -> str:
     """``['a.b.c', 'a.b.d', 'x.y']`` -> ``'a.b.* (2), x.y (1)'``: long key lists, grouped by prefix."""
     groups = Counter(".".join(key.split(".")[:depth]) for key in keys)
     return ", ".join(f"{prefix}{'.*' if count > 1 else ''} ({count})" for prefix, count in groups.items())
+
+
+def mismatch_message(
+    header: str,
+    *,
+    mismatched: Sequence[str],
+    missing: Sequence[str],
+    unexpected: Sequence[str] = (),
+    where: str = "model",
+    advice: str,
+) -> str:
+    """The text of a :class:`CheckpointMismatchError`: ``header``, a line for each kind of key that does not
+    fit (the first 15 named), then ``advice`` — what to fix, or ``strict=False`` to load what fits."""
+
+    def listing(keys: Sequence[str]) -> str:
+        return "; ".join(keys[:15]) + (f"; ... ({len(keys) - 15} more)" if len(keys) > 15 else "")
+
+    parts = [header]
+    if mismatched:
+        parts.append(f"  shape mismatch ({len(mismatched)}): {listing(mismatched)}")
+    if missing:
+        parts.append(f"  missing from the checkpoint, would stay random ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        parts.append(f"  in the checkpoint but not in the {where} ({len(unexpected)}): {listing(unexpected)}")
+    parts.append(f"  {advice}")
+    return "\n".join(parts)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from vitscope.data.transforms import Preprocess, attach_preprocess
 from vitscope.models.build import compare_keys, seeded
-from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError
+from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError, mismatch_message
 from vitscope.models.safe_load import read_state_dict
 from vitscope.models.specs import ModelSpec, option_bool
 
@@ -290,7 +290,18 @@ def _load_weights(visual: nn.Module, state: dict[str, Tensor], report: LoadRepor
     target = visual.state_dict()
     compare_keys(weights, target, report)
     if strict and not report.complete:
-        raise CheckpointMismatchError(_mismatch_message(report, prefix))
+        named = f" (tower keys; the file has them under '{prefix}')" if prefix else ""
+        raise CheckpointMismatchError(
+            mismatch_message(
+                f"{report.path} does not fit the visual tower of OpenCLIP {report.arch} {report.arch_kwargs}{named}:",
+                mismatched=report.mismatched,
+                missing=report.missing,
+                unexpected=report.unexpected,
+                where="tower",
+                advice="Pick the OpenCLIP config the weights were trained with (open_clip:ARCH), set image_size= "
+                "to theirs, or pass strict=False to load what fits.",
+            )
+        )
     fitting = {key: value for key, value in weights.items() if key in target and value.shape == target[key].shape}
     visual.load_state_dict(fitting, strict=False)
     report.loaded = len(fitting)
@@ -310,29 +321,6 @@ def _resize_position_embedding(visual: nn.Module, weights: dict[str, Tensor], re
     resize_pos_embed(state, SimpleNamespace(visual=visual))
     weights["positional_embedding"] = state["visual.positional_embedding"]
     report.resized.append(f"positional_embedding: {old.shape[0]} -> {own.shape[0]} positions (bicubic)")
-
-
-def _mismatch_message(report: LoadReport, prefix: str) -> str:
-    def listing(keys: list[str]) -> str:
-        return "; ".join(keys[:15]) + (f"; ... ({len(keys) - 15} more)" if len(keys) > 15 else "")
-
-    named = f" (tower keys; the file has them under '{prefix}')" if prefix else ""
-    parts = [f"{report.path} does not fit the visual tower of OpenCLIP {report.arch} {report.arch_kwargs}{named}:"]
-    if report.mismatched:
-        parts.append(f"  shape mismatch ({len(report.mismatched)}): {listing(report.mismatched)}")
-    if report.missing:
-        parts.append(
-            f"  missing from the checkpoint, would stay random ({len(report.missing)}): {listing(report.missing)}"
-        )
-    if report.unexpected:
-        parts.append(
-            f"  in the checkpoint but not in the tower ({len(report.unexpected)}): {listing(report.unexpected)}"
-        )
-    parts.append(
-        "  Pick the OpenCLIP config the weights were trained with (open_clip:ARCH), set image_size= to theirs, "
-        "or pass strict=False to load what fits."
-    )
-    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- preprocessing
