@@ -114,6 +114,8 @@ class AnalysisConfig:
             raise ValueError(f"AnalysisConfig.num_workers must be ≥ 0, got {self.num_workers}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"AnalysisConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.noise_relative_norm < 0:
+            raise ValueError(f"AnalysisConfig.noise_relative_norm must be ≥ 0, got {self.noise_relative_norm}")
 
     def autocast_dtype(self) -> torch.dtype | None:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
@@ -124,8 +126,6 @@ class AnalysisConfig:
         if torch.device(self.device).type != "cuda":
             return 0
         return max(1, min(8, (os.cpu_count() or 1) // max(1, env.world) - 1))
-        if self.noise_relative_norm < 0:
-            raise ValueError(f"AnalysisConfig.noise_relative_norm must be ≥ 0, got {self.noise_relative_norm}")
 
     def wanted(self) -> set[str]:
         asked = set(ALL_ANALYSES if self.analyses is None else self.analyses)
