@@ -26,12 +26,17 @@ class ShardBatches(Sampler[list[int]]):
     def num_batches(self) -> int:
         return -(-self.size // self.batch_size)
 
+    @property
+    def numbers(self) -> range:
+        """The run-wide numbers of this rank's batches, in the order it reads them."""
+        return range(self.rank, self.num_batches, self.world)
+
     def __iter__(self) -> Iterator[list[int]]:
-        for k in range(self.rank, self.num_batches, self.world):
+        for k in self.numbers:
             yield list(range(k * self.batch_size, min((k + 1) * self.batch_size, self.size)))
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_batches, self.world))
+        return len(self.numbers)
 
 
 class ChoiceLoader:
@@ -46,8 +51,7 @@ class ChoiceLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Any]:
-        numbers = range(self.sampler.rank, self.sampler.num_batches, self.sampler.world)
-        for number, item in zip(numbers, self.loader):
+        for number, item in zip(self.sampler.numbers, self.loader):
             for batch in item if isinstance(item, list) else [item]:
                 batch.index, batch.offset = number, number * self.sampler.batch_size
             yield item
