@@ -5,7 +5,7 @@
 #   scripts/sweep_bundled.sh OUT METHOD EPOCHS NAME='EXTRA ARGS' [NAME='EXTRA ARGS' ...]
 # e.g.
 #   scripts/sweep_bundled.sh runs/sweep-moco moco 2 base='' tau01='--moco-t 0.1' crop008='--crop-min-scale 0.08'
-# Every variant starts from the bundled recipe (batch 128, lr 1e-3, seed 0) and adds its own
+# Every variant starts from the bundled recipe (scripts/bundled_recipe.sh) and adds its own
 # arguments, which override the recipe's (argparse keeps the last value). A killed sweep continues
 # where it stopped: finished variants are skipped, a started one resumes.
 set -euo pipefail
@@ -14,8 +14,8 @@ OUT=$1 METHOD=$2 EPOCHS=$3
 shift 3
 VITSCOPE=${VITSCOPE:-.venv/bin/vitscope}
 PYTHON=${PYTHON:-.venv/bin/python}
-ARCH=vit_tiny_patch16_224
-KWARGS='{"img_size":28,"patch_size":4,"embed_dim":64,"depth":6,"num_heads":4}'
+# shellcheck source=scripts/bundled_recipe.sh
+source scripts/bundled_recipe.sh
 mkdir -p "$OUT"
 names=()
 for variant in "$@"; do
@@ -25,8 +25,7 @@ for variant in "$@"; do
   resume=()
   [ -f "$OUT/$name/train_state.pt" ] && resume=(--resume)
   # shellcheck disable=SC2086  # EXTRA ARGS are split into words on purpose
-  args=(--method "$METHOD" --epochs "$EPOCHS" --model "$ARCH" --model-kwargs "$KWARGS" --data fashion-mnist
-        --batch-size 128 --lr 1e-3 --save-every 100 --seed 0 --threads 1 --no-progress $extra)
+  args=(--method "$METHOD" --epochs "$EPOCHS" "${RECIPE[@]}" $extra)
   # one snapshot per epoch, whatever the variant's batch size
   batch=$(printf '%s\n' "${args[@]}" | awk 'prev == "--batch-size" { b = $0 } { prev = $0 } END { print b }')
   printf '%s\tvitscope pretrain %s--out %s\n' "$name" "$(printf '%q ' "${args[@]}")" "$OUT/$name" >> "$OUT/commands.tsv"

@@ -16,12 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/bundled}
 VITSCOPE=${VITSCOPE:-.venv/bin/vitscope}
-BATCH=128
-STEPS_PER_EPOCH=$((60000 / BATCH))
-ARCH=vit_tiny_patch16_224
-KWARGS='{"img_size":28,"patch_size":4,"embed_dim":64,"depth":6,"num_heads":4}'
-COMMON=(--model "$ARCH" --model-kwargs "$KWARGS" --data fashion-mnist --batch-size "$BATCH"
-        --lr 1e-3 --save-every 100 --keep-every "$STEPS_PER_EPOCH" --seed 0 --threads 1 --no-progress)
+# shellcheck source=scripts/bundled_recipe.sh
+source scripts/bundled_recipe.sh
+COMMON=("${RECIPE[@]}" --keep-every $((60000 / BATCH)))
 mkdir -p "$OUT"
 
 train() {  # NAME EPOCHS ARGS...
