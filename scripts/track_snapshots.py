@@ -1,16 +1,18 @@
 """Late-layer metrics of every encoder snapshot of pretraining runs, as learning curves.
 
-    python scripts/track_snapshots.py RUNS_DIR [--names moco simmim ...] [--images 256] [--plot PNG]
+    python scripts/track_snapshots.py RUNS_DIR [--names moco simmim ...] [--images 256] [--curves CSV] [--plot PNG]
 
 For each run RUNS_DIR/NAME written by ``vitscope pretrain --keep-every N`` it loads every
 ``snapshots/step-NNNNNNN/encoder.safetensors`` (``file:`` spec, strict) and measures attention
 distance, NMI, attention entropy, token cosine, effective rank (every pair of images) and the
 high-frequency Fourier Δ on the same Fashion-MNIST test images in one pass
-(``vitscope.analyses.analyze_model``). It writes RUNS_DIR/curves.csv: one row per (run, epoch,
-metric) with the mean over the late blocks (the last third) and over the early blocks (the first
-third). An untrained model of the same architecture is measured too (run ``random``, epoch 0).
-Snapshots already in curves.csv with every metric are not measured again. ``--plot`` draws the
-curves against epochs.
+(``vitscope.analyses.analyze_model``). It writes the curves file (``--curves``, default
+RUNS_DIR/curves.csv): one row per (run, epoch, metric) with the mean over the late blocks (the last
+third) and over the early blocks (the first third; empty where only the late mean was recorded). An
+untrained model of the same architecture is measured too (run ``random``, epoch 0). Snapshots
+already in the curves file with every metric are not measured again, and its rows of runs that are
+no longer on disk are kept: the repository's ``docs/figures/learning_curves.csv`` carries the curves
+across machines, since run directories stay out of git. ``--plot`` draws the curves against epochs.
 """
 
 from __future__ import annotations
@@ -68,8 +70,7 @@ def steps_per_epoch(run: Path) -> float:
     raise ValueError(f"{run}/log.jsonl has no epoch field")
 
 
-def track(runs_dir: Path, names: list[str], images: int) -> list[dict]:
-    path = runs_dir / "curves.csv"
+def track(runs_dir: Path, names: list[str], images: int, path: Path) -> list[dict]:
     rows = read_rows(path)
     measured: dict[tuple[str, int], set[str]] = {}
     for r in rows:
@@ -141,10 +142,11 @@ def main() -> None:
     parser.add_argument("--names", nargs="+", default=["moco", "simmim", "mae", "hybrid"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--curves", type=Path, default=None, help="curves CSV to extend (default: RUNS_DIR/curves.csv)")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = track(args.runs_dir, args.names, args.images)
+    rows = track(args.runs_dir, args.names, args.images, args.curves or args.runs_dir / "curves.csv")
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

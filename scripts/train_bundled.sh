@@ -12,6 +12,9 @@
 # The encoder is kept after every epoch (OUT/NAME/snapshots/step-NNNNNNN/) for the learning curves.
 # A killed run continues where it stopped: the script passes --resume when a run directory already
 # holds a checkpoint.
+# ONLY='moco hybrid mae' trains just those runs. LANES=each gives every run its own one-thread process
+# instead of the two lanes: with three runs of different lengths on two cores the kernel shares the
+# cores, and the last run ends sooner than when it waits in a lane behind another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/bundled}
@@ -21,7 +24,11 @@ source scripts/bundled_recipe.sh
 COMMON=("${RECIPE[@]}" --keep-every $((60000 / BATCH)))
 mkdir -p "$OUT"
 
+ONLY=${ONLY:-moco hybrid simmim mae}
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+
 train() {  # NAME EPOCHS ARGS...
+  wanted "$1" || return 0
   local name=$1 epochs=$2; shift 2  # ARGS come last: they override the recipe (argparse keeps the last value)
   local resume=()
   [ -f "$OUT/$name/train_state.pt" ] && resume=(--resume)
@@ -34,10 +41,18 @@ train() {  # NAME EPOCHS ARGS...
 }
 
 # shellcheck disable=SC2086  # the *_ARGS are split into words on purpose
-(train moco "${MOCO_EPOCHS:-12}" --method moco ${MOCO_ARGS:-}
- train hybrid "${HYBRID_EPOCHS:-12}" --method hybrid --mim simmim --cl-weight 0.2 ${HYBRID_ARGS:-}) &
+moco() { train moco "${MOCO_EPOCHS:-12}" --method moco ${MOCO_ARGS:-}; }
 # shellcheck disable=SC2086
-(train simmim "${SIMMIM_EPOCHS:-30}" --method simmim ${SIMMIM_ARGS:-}
- train mae "${MAE_EPOCHS:-30}" --method mae ${MAE_ARGS:-}) &
+hybrid() { train hybrid "${HYBRID_EPOCHS:-12}" --method hybrid --mim simmim --cl-weight 0.2 ${HYBRID_ARGS:-}; }
+# shellcheck disable=SC2086
+simmim() { train simmim "${SIMMIM_EPOCHS:-30}" --method simmim ${SIMMIM_ARGS:-}; }
+# shellcheck disable=SC2086
+mae() { train mae "${MAE_EPOCHS:-30}" --method mae ${MAE_ARGS:-}; }
+if [ "${LANES:-2}" = each ]; then
+  for name in $ONLY; do "$name" & done
+else
+  (moco; hybrid) &
+  (simmim; mae) &
+fi
 wait
 [ "${PACKAGE:-1}" = 1 ] && .venv/bin/python scripts/package_bundled.py "$OUT"
