@@ -80,8 +80,8 @@ def last_log_line(log: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def hardware() -> str:
-    """Where the training script runs: this machine's CPU, one thread per run, two runs at a time."""
+def hardware(runs_at_once: int) -> str:
+    """Where the training script runs: this machine's CPU, one thread per run, ``runs_at_once`` runs at a time."""
     model = (
         next(
             (
@@ -96,7 +96,7 @@ def hardware() -> str:
     )
     return (
         f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; one thread per training run "
-        f"(OMP_NUM_THREADS=1), two runs at a time at the lowest priority (scripts/train_bundled.sh); "
+        f"(OMP_NUM_THREADS=1), {runs_at_once} runs at a time at the lowest priority (scripts/train_bundled.sh); "
         f"torch {torch.__version__}"
     )
 
@@ -118,7 +118,7 @@ def schedule(run_dir: Path) -> dict:
     }
 
 
-def package(run_dir: Path, dest: Path, name: str, command: str) -> dict:
+def package(run_dir: Path, dest: Path, name: str, command: str, runs_at_once: int) -> dict:
     info = json.loads((run_dir / "encoder.json").read_text())
     final = last_log_line(run_dir / "log.jsonl")
     plan = schedule(run_dir)
@@ -137,9 +137,9 @@ def package(run_dir: Path, dest: Path, name: str, command: str) -> dict:
         "schedule": plan,
         "images_seen": None if info.get("step") is None else info["step"] * plan["batch_size"],
         "wall_time_s": round(training_seconds(run_dir / "log.jsonl", plan["batch_size"]), 1),
-        "wall_time_note": "time in training steps, summed over resumed sessions, while sharing the 2 cores "
-        "with the other lane of the script and other work",
-        "hardware": hardware(),
+        "wall_time_note": f"time in training steps, summed over resumed sessions, while sharing the "
+        f"{os.cpu_count()} cores with the script's other runs ({runs_at_once} at a time) and other work",
+        "hardware": hardware(runs_at_once),
         "final_loss": final.get("loss"),
         "final_log": final,
         "data": "Fashion-MNIST train split (60,000 images, 28x28 grayscale expanded to 3 channels)",
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="?", default="runs/bundled")
     parser.add_argument("--dest", default=str(Path(__file__).resolve().parents[1] / "src/vitscope/bundled"))
     parser.add_argument("--names", nargs="+", default=["moco", "simmim", "mae", "hybrid"])
+    parser.add_argument("--runs-at-once", type=int, default=2, help="training runs that shared the CPU (the card says)")
     args = parser.parse_args(argv)
     runs, dest = Path(args.runs), Path(args.dest)
     commands = read_commands(runs / "commands.tsv")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (runs / name / "encoder.safetensors").exists():
             print(f"{name}: no encoder.safetensors in {runs / name}; skipped", file=sys.stderr)
             continue
-        card = package(runs / name, dest, name, commands.get(name, ""))
+        card = package(runs / name, dest, name, commands.get(name, ""), args.runs_at_once)
         probe = card["linear_probe_top1"]
         print(
             f"{name}: step {card['steps']}, final loss {card['final_loss']:.4f}, "

@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"))
     parser.add_argument("--curves", type=Path, default=Path("docs/figures/learning_curves.csv"))
-    parser.add_argument("--epochs", type=float, nargs="*", default=[1, 2, 4, 6, 8, 12, 16, 20, 25, 30])
+    parser.add_argument("--epochs", type=float, nargs="*", default=[1, 2, 4, 6, 8, 10, 12, 16, 20, 25, 30])
     parser.add_argument("--sweep", type=Path, nargs="*", default=[])
     args = parser.parse_args()
     header = ["run", "epoch", *HEADERS]
