@@ -32,8 +32,15 @@ def test_checkpoint_from_before_the_reorganisation_resumes(tmp_path: Path) -> No
         torch.set_num_threads(threads)
     resumed = load_file(str(run / "encoder.safetensors"))
     expected = load_file(str(FIXTURE / "final_encoder.safetensors"))
+    at_step_4 = load_file(str(FIXTURE / "run" / "encoder.safetensors"))
     assert resumed.keys() == expected.keys()
+    # The fixture was written on another CPU. The key half of the qkv bias gets gradients of ~0 (softmax
+    # ignores a shift shared by all keys), and AdamW turns the kernels' rounding there into updates of
+    # up to ~2e-5; every other weight agrees to 1e-7. The four resumed steps move weights by ~1e-3.
+    atol = 5e-5
     for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=atol, msg=key)
+    moved = max(float((expected[k] - at_step_4[k]).abs().max()) for k in expected)
+    assert moved > 10 * atol  # landing within atol of the expected weights is not landing where it started
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(8))
