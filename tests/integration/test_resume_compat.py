@@ -34,13 +34,18 @@ def test_checkpoint_from_before_the_reorganisation_resumes(tmp_path: Path) -> No
     expected = load_file(str(FIXTURE / "final_encoder.safetensors"))
     at_step_4 = load_file(str(FIXTURE / "run" / "encoder.safetensors"))
     assert resumed.keys() == expected.keys()
-    # The fixture was written on another CPU. The key half of the qkv bias gets gradients of ~0 (softmax
-    # ignores a shift shared by all keys), and AdamW turns the kernels' rounding there into updates of
-    # up to ~2e-5; every other weight agrees to 1e-7. The four resumed steps move weights by ~1e-3.
-    atol = 5e-5
+    # The fixture was written on another CPU. The key third of a qkv bias gets gradients of ~0 (softmax
+    # ignores a shift shared by all keys), and AdamW turns the kernels' rounding there into updates of up
+    # to ~2e-5; every other weight agrees to 1e-7. The four resumed steps move weights by ~1e-3.
+    atol, key_bias_atol = 1e-5, 5e-5
     for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=atol, msg=key)
+        got, want = resumed[key].clone(), expected[key]  # got: its key third is checked apart, then set
+        if key.endswith("attn.qkv.bias"):
+            keys = slice(len(want) // 3, 2 * len(want) // 3)
+            torch.testing.assert_close(got[keys], want[keys], rtol=1e-4, atol=key_bias_atol, msg=key)
+            got[keys] = want[keys]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=key)
     moved = max(float((expected[k] - at_step_4[k]).abs().max()) for k in expected)
-    assert moved > 10 * atol  # landing within atol of the expected weights is not landing where it started
+    assert moved > 10 * key_bias_atol  # landing within atol of the expected weights is not landing where it started
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(8))
