@@ -138,6 +138,20 @@ def test_diversity_fails_when_cl_effective_rank_is_higher():
     assert v.numbers["cl_late_effective_rank"] == pytest.approx(14.0)
 
 
+def test_a_failing_range_mean_lists_its_blocks_and_where_the_direction_holds():
+    # MIM keeps diverse tokens in block 5 but one outlier last block drags the late mean under CL's
+    mim_rank = list(PROFILES["mim"]["effective_rank"])
+    mim_rank[LATE] = [40.0, 2.0]
+    v = verdicts(overrides={("mim", "effective_rank"): mim_rank, ("cl", "effective_rank"): [22.0] * L})[3]
+    assert v.status == FAILS
+    assert "late effective rank: MIM mim 21.0 vs CL cl 22.0" in v.evidence
+    assert "[per block 5, 6: MIM mim 40.0, 2.0; CL cl 22.0, 22.0; MIM above CL in block 5]" in v.evidence
+
+
+def test_a_passing_range_mean_has_no_per_block_list():
+    assert "per block" not in verdicts()[3].evidence
+
+
 # -- 4 frequency ------------------------------------------------------------------------------------
 def test_band_shares_of_the_accuracy_drop():
     shares = band_shares(np.array([0.2, -0.1, 0.1, 0.0, 0.3, 0.4]))

@@ -172,7 +172,33 @@ def _compare(
         f"{ctx.label(lower)} {_fmt(lo.value, digits, unit)} (expected {higher.upper()} > {lower.upper()})"
     )
     reason = "reversed" if hi.value < lo.value else "difference within the stderr / relative margin"
+    if not ok:
+        text += _per_block(ctx, metric, which, digits, higher, lower, **where)
     return Check(ok, text, failure=f"{which} {what} of {higher.upper()} not above {lower.upper()} ({reason})")
+
+
+def _per_block(ctx: _Context, metric: str, which: Range, digits: int, higher: str, lower: str, **where) -> str:
+    """Where a range mean fails, its blocks one by one and those where ``higher`` is above ``lower``:
+    one block unlike the rest (a last block feeding a pixel head, say) shows itself."""
+    models = {role: getattr(ctx.roles, role) for role in (higher, lower)}
+    blocks = ctx.blocks(models[higher], which)
+    if len(blocks) < 2 or blocks != ctx.blocks(models[lower], which):
+        return ""
+    series = {role: ctx.view.series(model, metric, **where).at(blocks) for role, model in models.items()}
+    if any(list(s.layers) != blocks for s in series.values()):
+        return ""
+    hi, lo = series[higher], series[lower]
+    above = [b for b, h, low in zip(blocks, hi.values, lo.values, strict=True) if h > low]
+    where_above = (
+        f"{higher.upper()} above {lower.upper()} in block {', '.join(map(str, above))}"
+        if above
+        else (f"{higher.upper()} above {lower.upper()} in none")
+    )
+    values = {role: ", ".join(_fmt(float(v), digits) for v in s.values) for role, s in series.items()}
+    return (
+        f" [per block {', '.join(map(str, blocks))}: {ctx.label(higher)} {values[higher]}; "
+        f"{ctx.label(lower)} {values[lower]}; {where_above}]"
+    )
 
 
 def _control_note(
