@@ -59,7 +59,7 @@ def _cpu_sdpa_backward_flops(
 def cpu_attention_flop_mapping() -> dict:
     """FLOP formulas for the CPU fused-attention kernels, which FlopCounterMode does not count itself."""
     aten = torch.ops.aten
-    mapping = {}
+    mapping: dict = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
