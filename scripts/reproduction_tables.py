@@ -3,9 +3,10 @@
     python scripts/reproduction_tables.py [--demo runs/demo] [--curves docs/figures/learning_curves.csv]
                                           [--sweep runs/sweep-moco-a runs/sweep-moco-b]
 
-Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) late-block metrics against epochs from
-``curves.csv`` (scripts/track_snapshots.py), (3) for each sweep directory, every variant's late-block
-metrics at its last snapshot. Numbers only: the page's text is written by hand.
+Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) the demo's effective rank and
+high-frequency Fourier Δ per block (the two metrics where one block can turn a late mean), (3)
+late-block metrics against epochs from ``curves.csv`` (scripts/track_snapshots.py), (4) for each sweep
+directory, every variant's late-block metrics at its last snapshot. Numbers only: the page's text is written by hand.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def probe_table(demo: Path) -> str:
     return table(["model"] + [str(d) for d in depths], rows)
 
 
+def per_block_table(demo: Path, metric: str, digits: int) -> str:
+    """One row per model: ``metric``'s per-layer value (the layer mean, not per head) at every depth."""
+    results = RunDirectory(demo).load_results()
+    rows = [r for r in results.select(metric=metric) if r["head"] is None]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    depths = sorted({r["layer"] for r in rows})
+    values = {(r["model"], r["layer"]): r["value"] for r in rows}
+    body = [[m] + [f"{values[(m, d)]:.{digits}f}" if (m, d) in values else "" for d in depths] for m in models]
+    return table(["model"] + [str(d) for d in depths], body)
+
+
 def read_curves(path: Path) -> dict[tuple[str, float], dict[str, float]]:
     late: dict[tuple[str, float], dict[str, float]] = defaultdict(dict)
     with open(path, newline="") as fh:
@@ -81,6 +93,8 @@ def main() -> None:
     header = ["run", "epoch", *HEADERS]
     if (args.demo / "metrics.csv").exists():
         print("linear probe top-1 (%), CLS token, per depth\n" + probe_table(args.demo) + "\n")
+        for metric, digits in (("effective_rank", 1), ("fourier_high", 2)):
+            print(f"{metric} per depth\n" + per_block_table(args.demo, metric, digits) + "\n")
     if args.curves.exists():
         print("late blocks against epochs\n" + table(header, curve_rows(read_curves(args.curves), set(args.epochs))))
     for sweep in args.sweep:
