@@ -116,7 +116,9 @@ def plot(rows: list[dict], out: Path) -> None:
     }
     figure = Figure(figsize=(10.5, 6.0), layout="constrained")
     axes = list(figure.subplots(2, 3).flat)
-    runs = [r for r in dict.fromkeys(row["run"] for row in rows) if r != "random"]
+    found = [r for r in dict.fromkeys(row["run"] for row in rows) if r != "random"]
+    order = ("moco", "simmim", "mae", "hybrid")  # the same colour for a model in every figure
+    runs = [r for r in order if r in found] + [r for r in found if r not in order]
     for ax, metric in zip(axes, METRICS):
         for run in runs:
             points = sorted(
@@ -131,7 +133,7 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set_title(f"late blocks: {titles[metric]}", fontsize=9)
         ax.set_xlabel("epoch")
     if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
+        axes[1].legend(fontsize=8, loc="center right")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
 
