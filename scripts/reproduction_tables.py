@@ -16,7 +16,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from vitscope.results import RunDirectory
+from vitscope.results import Results, RunDirectory
 
 CURVE_METRICS = ("attention_distance", "nmi", "attention_entropy", "token_cosine", "effective_rank", "fourier_high")
 HEADERS = ("distance (px)", "NMI", "entropy (nats)", "token cos", "eff. rank", "high-freq Δ")
@@ -27,8 +27,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def probe_table(demo: Path) -> str:
-    results = RunDirectory(demo).load_results()
+def probe_table(results: Results) -> str:
     models = list(dict.fromkeys(row["model"] for row in results.select(metric="linear_probe_top1")))
     depths = sorted({row["layer"] for row in results.select(metric="linear_probe_top1")})
     rows = []
@@ -48,9 +47,8 @@ def probe_table(demo: Path) -> str:
     return table(["model"] + [str(d) for d in depths], rows)
 
 
-def per_block_table(demo: Path, metric: str, digits: int) -> str:
+def per_block_table(results: Results, metric: str, digits: int) -> str:
     """One row per model: ``metric``'s per-layer value (the layer mean, not per head) at every depth."""
-    results = RunDirectory(demo).load_results()
     rows = [r for r in results.select(metric=metric) if r["head"] is None]
     models = list(dict.fromkeys(r["model"] for r in rows))
     depths = sorted({r["layer"] for r in rows})
@@ -92,9 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     header = ["run", "epoch", *HEADERS]
     if (args.demo / "metrics.csv").exists():
-        print("linear probe top-1 (%), CLS token, per depth\n" + probe_table(args.demo) + "\n")
+        results = RunDirectory(args.demo).load_results()
+        print("linear probe top-1 (%), CLS token, per depth\n" + probe_table(results) + "\n")
         for metric, digits in (("effective_rank", 1), ("fourier_high", 2)):
-            print(f"{metric} per depth\n" + per_block_table(args.demo, metric, digits) + "\n")
+            print(f"{metric} per depth\n" + per_block_table(results, metric, digits) + "\n")
     if args.curves.exists():
         print("late blocks against epochs\n" + table(header, curve_rows(read_curves(args.curves), set(args.epochs))))
     for sweep in args.sweep:

@@ -132,7 +132,7 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.axhline(math.log(49), color="0.7", linestyle=":", linewidth=1, label="log N")
         ax.set_title(f"late blocks: {titles[metric]}", fontsize=9)
         ax.set_xlabel("epoch")
-    if axes[0].get_legend_handles_labels()[0]:
+    if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend(fontsize=8, loc="center right")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

@@ -126,11 +126,15 @@ class _Context:
         early, late = thirds(depth)
         return {"early": early, "late": late, "last": [depth]}[which]
 
-    def estimate(self, model: str | None, metric: str, which: Range, **where) -> Estimate | None:
+    def range_series(self, model: str | None, metric: str, which: Range, **where) -> Series | None:
+        """``model``'s per-layer ``metric`` over the ``which`` blocks (None without a model)."""
         if model is None:
             return None
-        series = self.view.series(model, metric, **where).at(self.blocks(model, which))
-        return _mean(series)
+        return self.view.series(model, metric, **where).at(self.blocks(model, which))
+
+    def estimate(self, model: str | None, metric: str, which: Range, **where) -> Estimate | None:
+        series = self.range_series(model, metric, which, **where)
+        return None if series is None else _mean(series)
 
     def label(self, role: str) -> str:
         return f"{role.upper()} {getattr(self.roles, role)}"
@@ -160,7 +164,8 @@ def _compare(
     **where,
 ) -> Check:
     """Check that role ``higher`` has a larger value of ``metric`` over ``which`` blocks than ``lower``."""
-    est = {role: ctx.estimate(getattr(ctx.roles, role), metric, which, **where) for role in (higher, lower)}
+    series = {role: ctx.range_series(getattr(ctx.roles, role), metric, which, **where) for role in (higher, lower)}
+    est = {role: None if s is None else _mean(s) for role, s in series.items()}
     for role, e in est.items():
         numbers[f"{role}_{which}_{metric}"] = None if e is None else e.value
     hi, lo = est[higher], est[lower]
@@ -172,32 +177,28 @@ def _compare(
         f"{ctx.label(lower)} {_fmt(lo.value, digits, unit)} (expected {higher.upper()} > {lower.upper()})"
     )
     reason = "reversed" if hi.value < lo.value else "difference within the stderr / relative margin"
-    if not ok:
-        text += _per_block(ctx, metric, which, digits, higher, lower, **where)
+    hi_series, lo_series = series[higher], series[lower]
+    if not ok and hi_series is not None and lo_series is not None:
+        text += _per_block(ctx, which, hi_series, lo_series, digits, higher, lower)
     return Check(ok, text, failure=f"{which} {what} of {higher.upper()} not above {lower.upper()} ({reason})")
 
 
-def _per_block(ctx: _Context, metric: str, which: Range, digits: int, higher: str, lower: str, **where) -> str:
+def _per_block(ctx: _Context, which: Range, hi: Series, lo: Series, digits: int, higher: str, lower: str) -> str:
     """Where a range mean fails, its blocks one by one and those where ``higher`` is above ``lower``:
-    one block unlike the rest (a last block feeding a pixel head, say) shows itself."""
-    models = {role: getattr(ctx.roles, role) for role in (higher, lower)}
-    blocks = ctx.blocks(models[higher], which)
-    if len(blocks) < 2 or blocks != ctx.blocks(models[lower], which):
+    one block unlike the rest (a last block feeding a pixel head, say) shows itself. Only when both
+    models have every block of the range, and the same blocks."""
+    blocks = ctx.blocks(getattr(ctx.roles, higher), which)
+    if len(blocks) < 2 or list(hi.layers) != blocks or list(lo.layers) != blocks:
         return ""
-    series = {role: ctx.view.series(model, metric, **where).at(blocks) for role, model in models.items()}
-    if any(list(s.layers) != blocks for s in series.values()):
-        return ""
-    hi, lo = series[higher], series[lower]
-    above = [b for b, h, low in zip(blocks, hi.values, lo.values, strict=True) if h > low]
-    where_above = (
-        f"{higher.upper()} above {lower.upper()} in block {', '.join(map(str, above))}"
-        if above
-        else (f"{higher.upper()} above {lower.upper()} in none")
-    )
-    values = {role: ", ".join(_fmt(float(v), digits) for v in s.values) for role, s in series.items()}
+    above = [str(b) for b, h, low in zip(blocks, hi.values, lo.values, strict=True) if h > low]
+    where_above = f"block {', '.join(above)}" if above else "none"
+
+    def values(s: Series) -> str:
+        return ", ".join(_fmt(float(v), digits) for v in s.values)
+
     return (
-        f" [per block {', '.join(map(str, blocks))}: {ctx.label(higher)} {values[higher]}; "
-        f"{ctx.label(lower)} {values[lower]}; {where_above}]"
+        f" [per block {', '.join(map(str, blocks))}: {ctx.label(higher)} {values(hi)}; "
+        f"{ctx.label(lower)} {values(lo)}; {higher.upper()} above {lower.upper()} in {where_above}]"
     )
 
 
