@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ __all__ = [
     "CommandError",
     "positive_int",
     "non_negative_int",
+    "finite_float",
+    "positive_float",
+    "non_negative_float",
+    "fraction",
+    "device_name",
     "json_object",
     "set_threads",
     "open_results",
@@ -46,6 +52,67 @@ def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "a non-negative integer")
+
+
+def finite_float(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type for a finite float in a range (NaN and ±inf are refused); argparse names the flag.
+
+    ``finite_float()`` takes any finite number, ``finite_float(0, low_open=True)`` a positive one,
+    ``finite_float(0, 1)`` a number in [0, 1].
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            left = "(-∞" if low is None else f"{'(' if low_open else '['}{low:g}"
+            right = "∞)" if high is None else f"{high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {left}, {right}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_float = finite_float(0.0, low_open=True)
+non_negative_float = finite_float(0.0)
+fraction = finite_float(0.0, 1.0)
+
+
+def device_name(text: str) -> str:
+    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked to exist), ``mps``.
+
+    A device torch does not know, or a GPU this machine lacks, is refused before any work starts.
+    """
+    import torch
+
+    name = text.strip().lower()
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
+        return name
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return name
+    raise argparse.ArgumentTypeError(f"device {text!r} is not available here; expected auto, cpu, cuda or cuda:N")
 
 
 def json_object(text: str) -> dict:
