@@ -21,6 +21,7 @@ __all__ = [
     "non_negative_float",
     "fraction",
     "device_name",
+    "require_device",
     "json_object",
     "set_threads",
     "open_results",
@@ -88,10 +89,9 @@ fraction = finite_float(0.0, 1.0)
 
 
 def device_name(text: str) -> str:
-    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked to exist), ``mps``.
-
-    A device torch does not know, or a GPU this machine lacks, is refused before any work starts.
-    """
+    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else (``tpu``,
+    ``cuda:x``) is refused naming the flag. Whether this machine has the device is :func:`require_device`'s
+    check, made by the command before any work (so a command line written for a GPU machine still parses)."""
     import torch
 
     name = text.strip().lower()
@@ -100,19 +100,27 @@ def device_name(text: str) -> str:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return name
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def require_device(name: str, flag: str = "--device") -> None:
+    """Raise :class:`CommandError` unless this machine has the device ``name`` (``auto`` always passes)."""
+    import torch
+
+    if name == "auto":
+        return
+    device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine (use cpu)")
+            raise CommandError(f"{flag} {name}: no CUDA device on this machine (use cpu)")
         if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
-        return name
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return name
-    raise argparse.ArgumentTypeError(f"device {text!r} is not available here; expected auto, cpu, cuda or cuda:N")
+            raise CommandError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"{flag} {name}: MPS is not available on this machine (use cpu)")
 
 
 def json_object(text: str) -> dict:
