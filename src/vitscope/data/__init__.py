@@ -9,10 +9,13 @@ A data spec string names the images, the same in the CLI and the Python API:
 
 Unreadable images (truncated files, text named .png) are skipped and counted, never a crash: the
 loader's batches carry the paths they skipped, and :class:`SkipCounter` sums them up.
+Every image reaches the model as the 8-bit RGB a viewer shows, whatever its mode (16-bit, float, alpha,
+palette, CMYK, EXIF-rotated, multi-frame): :func:`load_rgb` / :func:`to_rgb` (rules in :mod:`vitscope.data.decode`).
 """
 
 from vitscope.data.batches import Batch, SkipCounter, collate_skipping, collate_views
 from vitscope.data.datasets import ArrayImageDataset, Replaced, SafeImageFolder, Skipped
+from vitscope.data.decode import load_rgb, to_rgb
 from vitscope.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_shipped_subset, read_idx
 from vitscope.data.loaders import ChoiceLoader, ShardBatches, choice_loader, make_loader
 from vitscope.data.specs import dataset_labels, open_dataset
@@ -39,6 +42,8 @@ __all__ = [
     "Skipped",
     "ArrayImageDataset",
     "SafeImageFolder",
+    "load_rgb",
+    "to_rgb",
     "read_idx",
     "load_fashion_mnist",
     "load_shipped_subset",

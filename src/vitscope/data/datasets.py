@@ -15,6 +15,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vitscope.data.decode import load_rgb, to_rgb
+
 __all__ = ["IMAGE_EXTENSIONS", "Skipped", "Replaced", "ArrayImageDataset", "SafeImageFolder", "to_tensor"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -52,13 +54,15 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = Image.fromarray(self.images[index]).convert("RGB")  # grayscale expanded to 3 channels
+        image = to_rgb(Image.fromarray(self.images[index]))  # grayscale expanded to 3 channels
         sample = self.transform(image) if self.transform else to_tensor(image)
         return sample, int(self.labels[index])
 
 
 class SafeImageFolder(Dataset):
-    """An image folder where unreadable files are skipped and reported, not fatal.
+    """An image folder where unreadable files are skipped and reported, not fatal; every image is decoded
+    to the RGB a viewer shows (:func:`~vitscope.data.decode.load_rgb`: 16-bit and float pixels scaled,
+    alpha over white, EXIF orientation applied, first frame).
 
     With class sub-folders it is torchvision's ImageFolder layout (labels = sorted folder index);
     a flat folder gives label -1.
@@ -88,9 +92,7 @@ class SafeImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int] | Skipped:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                image = img.convert("RGB")
+            image = load_rgb(path)
         except Exception as err:  # PIL raises many types for bad files; all mean "skip this one"
             return Skipped(path, f"{type(err).__name__}: {err}")
         sample = self.transform(image) if self.transform else to_tensor(image)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from vitscope.data.decode import to_rgb
 from vitscope.data.transforms import Preprocess, attach_preprocess
 from vitscope.models.build import seeded
 from vitscope.models.load_report import CheckpointMismatchError, LoadReport, WeightsNotFoundError, mismatch_message
@@ -296,8 +297,8 @@ class HFImageTransform:
         self.processor = processor
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if getattr(image, "mode", "RGB") != "RGB":  # a grayscale PIL image would give one channel
-            image = image.convert("RGB")
+        if hasattr(image, "mode"):  # a PIL image of any mode: upright 8-bit RGB, as a viewer shows it
+            image = to_rgb(image)
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __repr__(self) -> str:  # equal settings, equal text: models sharing a pipeline share one view of each image
