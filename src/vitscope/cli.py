@@ -58,13 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:  # the run stopped cleanly; its last good checkpoint is kept
         print(f"vitscope {args.command}: {err}")
         return 3
-    except CommandError as err:
-        print(f"vitscope {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nvitscope {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, KeyError, OSError) as err:
+        print(f"vitscope {args.command}: error: {error_sentence(err)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"vitscope {args.command}: error: {message}", file=sys.stderr)
-        return 2
+
+
+def error_sentence(err: BaseException) -> str:
+    """One line for a user-facing error: the message of a CommandError or ValueError; a bare KeyError key as
+    "missing key"; an OSError as the path it is about and what the system said."""
+    if isinstance(err, KeyError):
+        key = err.args[0] if err.args else None
+        if isinstance(key, str) and " " in key:  # a KeyError raised with a sentence
+            return key
+        return f"missing key {key!r} in the data read (an incomplete file, or not the kind of file expected)"
+    if isinstance(err, OSError) and not isinstance(err, CommandError) and err.strerror:
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {err.strerror}" if paths else err.strerror
+    text = str(err).strip()
+    return " ".join(text.split("\n")) if text else type(err).__name__
 
 
 if __name__ == "__main__":

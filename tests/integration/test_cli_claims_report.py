@@ -54,8 +54,11 @@ def test_rel_tol_option_moves_the_near_uniform_threshold(tmp_path, capsys):
     assert record.verdicts[1].status == FAILS and record.tolerance.rel == 0.2
     assert "near-uniform above 2.22" in record.verdicts[1].evidence
     capsys.readouterr()
-    assert main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--rel-tol", "1.5"]) == 2
-    assert "--rel-tol must be in [0, 1)" in capsys.readouterr().err
+    for bad, message in (("1.5", "must be in [0, 1), got 1.5"), ("nan", "must be a finite number, got 'nan'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["claims", str(out), "--cl", "cl", "--mim", "mim", "--rel-tol", bad])
+        assert exit_info.value.code == 2
+        assert f"argument --rel-tol: {message}" in capsys.readouterr().err
 
 
 def test_report_command_and_its_errors(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from vitscope.analyses import AnalysisConfig
@@ -13,7 +15,10 @@ from vitscope.analyses import AnalysisConfig
         ("num_images", 0, "AnalysisConfig.num_images must be a positive integer, got 0"),
         ("num_workers", -1, "AnalysisConfig.num_workers must be ≥ 0, got -1"),
         ("precision", "fp8", "AnalysisConfig.precision must be one of fp32, bf16, fp16, not 'fp8'"),
-        ("noise_relative_norm", -0.5, "AnalysisConfig.noise_relative_norm must be ≥ 0, got -0.5"),
+        ("noise_relative_norm", -0.5, "AnalysisConfig.noise_relative_norm must be a finite number ≥ 0, got -0.5"),
+        ("noise_relative_norm", math.nan, "AnalysisConfig.noise_relative_norm must be a finite number ≥ 0, got nan"),
+        ("noise_relative_norm", math.inf, "AnalysisConfig.noise_relative_norm must be a finite number ≥ 0, got inf"),
+        ("seed", -1, "AnalysisConfig.seed must be a non-negative integer, got -1"),
     ],
 )
 def test_bad_settings_are_refused_with_the_field_named(field: str, value: object, message: str) -> None:

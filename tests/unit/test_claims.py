@@ -118,9 +118,10 @@ def test_low_nmi_with_peaked_rows_unlike_the_control_is_collapse():
     assert "(distinguishable)" in v.evidence
 
 
-def test_collapse_without_entropy_rows_says_it_cannot_tell():
+def test_collapse_without_entropy_rows_cannot_be_decided():
     v = verdicts(drop={("cl", "attention_entropy")})[2]
-    assert v.status == HOLDS  # NMI alone supports it, with the caveat spelled out
+    assert v.status == NOT_MEASURED  # NMI alone cannot tell collapse from near-uniform attention
+    assert v.evidence.startswith("cannot be decided: part of its evidence is not measured.")
     assert "cannot tell collapse from near-uniform attention" in v.evidence
 
 
@@ -175,10 +176,15 @@ def test_frequency_fails_when_noise_sensitivity_is_reversed():
     assert v.numbers["cl_noise_low_share"] == pytest.approx(expected_low)
 
 
-def test_frequency_without_noise_rows_rests_on_the_fourier_numbers():
+def test_frequency_without_noise_rows_cannot_be_decided():
     v = verdicts(drop={("cl", "noise_drop"), ("mim", "noise_drop")})[4]
-    assert v.status == HOLDS
+    assert v.status == NOT_MEASURED  # the Fourier check passes, but half of the finding is missing
     assert "noise robustness not measured" in v.evidence
+
+
+def test_frequency_without_noise_rows_still_fails_on_a_failed_fourier_check():
+    v = verdicts(drop={("cl", "noise_drop"), ("mim", "noise_drop")}, overrides={("cl", "fourier_high"): [0.0] * L})[4]
+    assert v.status == FAILS
 
 
 # -- 5 linear separability --------------------------------------------------------------------------

@@ -11,16 +11,18 @@ with t-SNE.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
 import numpy as np
 import timm
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -32,6 +34,7 @@ from vitscope.analyses.driver import ModelPass, run_lockstep
 from vitscope.analyses.localisation import SpatialLocalisation
 from vitscope.analyses.moments import ALL_METRICS, metric_reducers
 from vitscope.analyses.noise import noise_robustness
+from vitscope.analyses.preflight import ModelShape, RunPlan, check_control, plan_run, split_notes
 from vitscope.analyses.probes import FeatureBank, ProbeConfig, linear_probe
 from vitscope.analyses.tokens import pick_examples, token_tsne
 from vitscope.capture import make_capture
@@ -114,8 +117,12 @@ class AnalysisConfig:
             raise ValueError(f"AnalysisConfig.num_workers must be ≥ 0, got {self.num_workers}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"AnalysisConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.noise_relative_norm < 0:
-            raise ValueError(f"AnalysisConfig.noise_relative_norm must be ≥ 0, got {self.noise_relative_norm}")
+        if not math.isfinite(self.noise_relative_norm) or self.noise_relative_norm < 0:
+            raise ValueError(
+                f"AnalysisConfig.noise_relative_norm must be a finite number ≥ 0, got {self.noise_relative_norm}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"AnalysisConfig.seed must be a non-negative integer, got {self.seed!r}")
 
     def autocast_dtype(self) -> torch.dtype | None:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
@@ -258,6 +265,38 @@ def _model_meta(entry: _Model) -> dict:
     }
 
 
+def _shapes(entries: list[_Model], views: Sequence[Callable], roles: Mapping[str, str]) -> dict[str, ModelShape]:
+    """The architecture of the models in ``roles``: facts, and the token grid of the size each model's
+    transform gives an image."""
+    shapes = {}
+    for entry in entries:
+        if entry.label not in roles.values():
+            continue
+        facts = entry.run.capture.facts
+        image = views[entry.run.view](Image.new("RGB", (256, 256)))
+        grid = facts.grid_for((int(image.shape[-2]), int(image.shape[-1])))
+        patch = (int(facts.patch_size[0]), int(facts.patch_size[1]))
+        shapes[entry.label] = ModelShape(entry.label, facts.kind, facts.num_layers, facts.num_heads, grid, patch)
+    return shapes
+
+
+def _plan(data: str, test_set: Dataset, train_set: Dataset, wanted: set[str], config: AnalysisConfig) -> RunPlan:
+    """The analyses and counts this data allows (:func:`~vitscope.analyses.preflight.plan_run`)."""
+    return plan_run(
+        wanted,
+        config.analyses,
+        data=data,
+        num_test=config.num_images,
+        num_train=config.probe_train_images,
+        num_noise=config.noise_images,
+        batch_size=config.batch_size,
+        test_labels=dataset_labels(test_set),
+        test_size=len(test_set),  # type: ignore[arg-type]  # every dataset open_dataset gives is Sized
+        train_size=len(train_set),  # type: ignore[arg-type]
+        same_source=not data.startswith("fashion-mnist"),
+    )
+
+
 def _model_note(entry: _Model) -> str:
     if entry.run.capture.facts.kind == "cnn":
         return f"{entry.label}: no attention (stages of a CNN or conv hybrid); token metrics, probes and CKA computed"
@@ -266,9 +305,19 @@ def _model_note(entry: _Model) -> str:
 
 
 def analyze(
-    models: Mapping[str, nn.Module | str], data: str, config: AnalysisConfig | None = None
+    models: Mapping[str, nn.Module | str],
+    data: str,
+    config: AnalysisConfig | None = None,
+    *,
+    roles: Mapping[str, str] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> AnalysisOutput | None:
     """Run every asked analysis on every model; return tidy results and arrays for figures.
+
+    Before the pass (in seconds) the models load, a ``roles['control']`` must have the architecture of
+    ``roles['cl']``, and :func:`~vitscope.analyses.preflight.plan_run` fits the analyses and counts to
+    the data; each change from what was asked is a note, passed to ``notify`` at once (rank 0) and kept
+    in ``meta['notes']``.
 
     Under ``torchrun`` (a process group set up, e.g. by :func:`vitscope.distributed.init_distributed`)
     every process analyses its share of the batches and rank 0 merges them, fits the probes, runs the
@@ -278,6 +327,8 @@ def analyze(
         models: label -> model spec (``timm:NAME``, ``mae:PATH``, ``bundled:NAME``, ...) or a module.
         data: a data spec (``fashion-mnist``, ``folder:DIR``, ...).
         config: what to run on how many images (default :class:`AnalysisConfig`).
+        roles: role -> label (``cl``, ``mim``, ``control``, ``hybrid``); only the control check uses it.
+        notify: called with each note made before the pass.
     """
     config = config or AnalysisConfig()
     wanted = config.wanted()
@@ -288,21 +339,31 @@ def analyze(
     views, view_of = distinct_views([build_transform(entry.model) for entry in entries])
     for entry, view in zip(entries, view_of):
         entry.run.view = view
+    check_control(_shapes(entries, views, roles or {}), roles or {})
     transform = MultiView(views)
     test_set = open_dataset(data, "test", transform)
     train_set = open_dataset(data, "train", transform)
+    plan = _plan(data, test_set, train_set, wanted, config)
+    wanted = set(plan.wanted)
     test_choice, train_choice = split_choices(
         dataset_labels(test_set),
         len(test_set),
         dataset_labels(train_set),
         len(train_set),
         same_source=not data.startswith("fashion-mnist"),
-        num_test=config.num_images,
-        num_train=config.probe_train_images,
+        num_test=plan.num_test,
+        num_train=plan.num_train,
         seed=config.seed,
     )
+    notes = list(plan.notes)
+    if not data.startswith("fashion-mnist"):
+        notes += split_notes(dataset_labels(test_set), test_choice.indices, train_choice.indices,
+                             getattr(test_set, "classes", ()))  # fmt: skip
+    if notify is not None and env.is_main:
+        for note in notes:
+            notify(note)
     _attach_reducers(entries, wanted, config)
-    notes = [_model_note(entry) for entry in entries if entry.run.capture.facts.kind != "vit"]
+    notes += [_model_note(entry) for entry in entries if entry.run.capture.facts.kind != "vit"]
 
     skips = SkipCounter()
     runs = [entry.run for entry in entries]
@@ -331,11 +392,11 @@ def analyze(
             results.extend(reducer.rows(entry.label))
         if entry.maps is not None:
             arrays.update(entry.maps.arrays(entry.label))
-        if entry.localisation is not None:
+        if entry.localisation is not None and entry.localisation.grid is not None:
             arrays[f"{entry.label}/localisation"] = entry.localisation.maps()
 
     if train_banks is not None:
-        _probe_and_noise(entries, train_banks, test_set, test_choice, wanted, config, results)
+        _probe_and_noise(entries, train_banks, test_set, test_choice, wanted, config, results, plan.num_noise)
     if "tsne" in wanted:
         arrays.update(_tsne(entries, test_set, test_choice, config))
     arrays.update(_example_image(entries, test_set, test_choice))
@@ -345,6 +406,7 @@ def analyze(
         "data": data,
         "num_images": seen,
         "probe_train_images": len(train_choice),
+        "noise_images": plan.num_noise,
         "skipped": [list(item) for item in skips.skipped],
         "analyses": sorted(wanted),
         "config": asdict(config),
@@ -386,10 +448,12 @@ def _probe_and_noise(
     wanted: set[str],
     config: AnalysisConfig,
     results: Results,
+    num_noise: int,
 ) -> None:
-    """Per-layer probes of every model (rank 0), and the last layer's probe under frequency-band noise."""
+    """Per-layer probes of every model (rank 0), and the last layer's probe under frequency-band noise
+    (``num_noise`` test images)."""
     probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
-    noise_choice = _noise_choice(test_set, test_choice, config)
+    noise_choice = _noise_choice(test_set, test_choice, num_noise, config.seed)
     single = DistEnv(device=torch.device(config.device))  # the noise images are scored by rank 0 alone
     for entry, train_bank in zip(entries, train_banks):
         assert entry.test_bank is not None
@@ -412,14 +476,11 @@ def _probe_and_noise(
         results.extend(outcome.rows(entry.label))
 
 
-def _noise_choice(test_set: Dataset, test_choice: StratifiedChoice, config: AnalysisConfig) -> StratifiedChoice:
-    """A stratified subset of the test images (seed + 2), with their replacement candidates."""
+def _noise_choice(test_set: Dataset, test_choice: StratifiedChoice, num_noise: int, seed: int) -> StratifiedChoice:
+    """A stratified subset of ``num_noise`` test images (seed + 2), with their replacement candidates."""
     labels = dataset_labels(test_set)
     positions = stratified_subset(
-        None if labels is None else labels[test_choice.indices],
-        config.noise_images,
-        config.seed + 2,
-        total=len(test_choice),
+        None if labels is None else labels[test_choice.indices], num_noise, seed + 2, total=len(test_choice)
     )
     return test_choice.subset(positions)
 

@@ -10,8 +10,12 @@ from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
 from vitscope.commands.common import (
     ROLE_NAMES,
     CommandError,
+    check_roles,
+    device_name,
+    non_negative_float,
     non_negative_int,
     positive_int,
+    require_device,
     save_analysis,
     skipped_summary,
     verdict_and_report,
@@ -44,13 +48,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-images", type=positive_int, default=256, help="test images scored under noise")
     parser.add_argument(
         "--noise-norm",
-        type=float,
+        type=non_negative_float,
         default=0.5,
         help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument(
-        "--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each process's own GPU)"
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="cpu, cuda, cuda:N, mps or auto (under torchrun, cuda is each process's own GPU)",
     )
     parser.add_argument(
         "--precision",
@@ -61,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics", default=None, help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--probe-epochs", type=positive_int, default=100)
     parser.add_argument(
         "--workers",
@@ -94,16 +101,19 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 def roles_of(args: argparse.Namespace, labels: list[str]) -> dict[str, str]:
     roles = {name: getattr(args, name) for name in ROLE_NAMES if getattr(args, name)}
-    for name, label in roles.items():
-        if label not in labels:
-            raise CommandError(f"--{name} {label!r} is not one of the models: {', '.join(labels)}")
+    check_roles(roles, labels)
     return roles
+
+
+def _print_note(note: str) -> None:
+    print(f"note: {note}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     models = parse_models(args.model)
     roles = roles_of(args, list(models))
     analyses = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    require_device(args.device)
     env = init_distributed(args.device)  # one process, or the group torchrun describes
     config = AnalysisConfig(
         num_images=args.num_images,
@@ -120,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
     )
     config.wanted()  # unknown analysis names fail before any model is loaded
     out_dir = Path(args.out)
-    output = analyze(models, args.data, config)
+    printed: list[str] = []
+
+    def notify(note: str) -> None:
+        printed.append(note)
+        _print_note(note)
+
+    output = analyze(models, args.data, config, roles=roles, notify=notify)
     if output is None:  # another process of a torchrun group: rank 0 writes the run directory
         return 0
     output.results.meta["roles"] = roles
@@ -131,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         f"in {meta['wall_time_s']:.1f} s; {skipped_summary(meta['skipped'])}"
     )
     for note in meta["notes"]:
-        print(f"note: {note}", file=sys.stderr)
+        if note not in printed:
+            _print_note(note)
     print(f"results: {out_dir / RunDirectory.METRICS_CSV}")
     verdict_and_report(out_dir, roles, render=not args.no_report)
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from vitscope.commands.common import CommandError, open_results
+from vitscope.analyses.preflight import ModelShape, check_control
+from vitscope.commands.common import CommandError, check_roles, finite_float, non_negative_float, open_results
 from vitscope.report import Roles, Tolerance, evaluate_claims, format_claims_table, save_claims
 from vitscope.report.series import ResultView
 from vitscope.results import Results
@@ -22,33 +24,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hybrid", metavar="LABEL", help="a model trained with (1 − λ)·L_MIM + λ·L_CL")
     parser.add_argument(
         "--rel-tol",
-        type=float,
+        type=finite_float(0.0, 1.0, high_open=True),
         default=Tolerance.rel,
         help="relative tolerance for 'indistinguishable' and 'near log N' (default: %(default)s)",
     )
     parser.add_argument(
         "--probe-points",
-        type=float,
+        type=non_negative_float,
         default=Tolerance.probe_points,
         help="points by which CL's probe must beat the control's (default: %(default)s)",
     )
 
 
 def check_labels(results: Results, roles: Roles) -> None:
-    known = ResultView(results).models()
-    for role, label in vars(roles).items():
-        if label is not None and label not in known:
-            raise CommandError(
-                f"--{role} {label!r} is not a model in these results; available: {', '.join(known) or 'none'}"
-            )
+    """Every role names a model of these results, a different one each; the control has the CL model's
+    architecture (when the results keep the models' metadata)."""
+    view = ResultView(results)
+    check_roles(vars(roles), view.models(), known="a model in these results; available")
+    shapes = {label: shape for label in view.models() if (shape := _shape(view, label)) is not None}
+    try:
+        check_control(shapes, {k: v for k, v in vars(roles).items() if v is not None})
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
+def _shape(view: ResultView, label: str) -> ModelShape | None:
+    """A model's architecture from ``meta['models']``, or None when the results do not say."""
+    info = view.model_meta(label)
+    try:
+        grid, patch = info["grid"], info["patch_size"]
+        return ModelShape(label, info["kind"], int(info["num_layers"]), info.get("num_heads"),
+                          (int(grid[0]), int(grid[1])), (int(patch[0]), int(patch[1])))  # fmt: skip
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
-    _, results = open_results(args.dir)
+    run_dir, results = open_results(args.dir)
     roles = Roles(args.cl, args.mim, args.control, args.hybrid)
     check_labels(results, roles)
-    if not 0 <= args.rel_tol < 1:
-        raise CommandError(f"--rel-tol must be in [0, 1), got {args.rel_tol}")
+    if not results.meta:
+        print(f"note: {run_dir.path / run_dir.METRICS_JSON} is missing: the verdicts rest on {run_dir.METRICS_CSV} "
+              "alone, without the models' metadata (token grid, depth)", file=sys.stderr)  # fmt: skip
     tolerance = Tolerance(rel=args.rel_tol, probe_points=args.probe_points)
     verdicts = evaluate_claims(results, **vars(roles), tolerance=tolerance)
     print(format_claims_table(verdicts))

@@ -22,6 +22,7 @@ __all__ = [
     "fraction",
     "device_name",
     "require_device",
+    "check_roles",
     "json_object",
     "set_threads",
     "open_results",
@@ -181,6 +182,20 @@ def print_skipped(skipped: list, limit: int = 10) -> None:
 
 
 ROLE_NAMES = ("cl", "mim", "control", "hybrid")
+
+
+def check_roles(roles: Mapping[str, str | None], labels: list[str], known: str = "one of the models") -> None:
+    """Raise :class:`CommandError` unless every role's label (``--cl`` ...) is one of ``labels`` and no two
+    roles name the same model. ``known`` says where the labels come from, in the message."""
+    given = {role: label for role, label in roles.items() if label is not None}
+    for role, label in given.items():
+        if label not in labels:
+            raise CommandError(f"--{role} {label!r} is not {known}: {', '.join(labels) or 'none'}")
+    seen: dict[str, str] = {}
+    for role, label in given.items():
+        if label in seen:
+            raise CommandError(f"--{seen[label]} and --{role} both name {label!r}: each role needs its own model")
+        seen[label] = role
 
 
 def verdict_and_report(out_dir: Path, roles: Mapping[str, str | None], render: bool) -> None:

@@ -138,9 +138,14 @@ def split_choices(
 
     When both splits come from one source (an image folder), the train images are drawn from what the
     test choice left, neither split is ever replaced by an image the other one uses, and the test
-    split keeps the first claim on the reserve: train replacements avoid the test's reserve.
+    split keeps the first claim on the reserve: train replacements avoid the test's reserve. A class
+    whose images the test choice would all take keeps one for the train split (a class of one image
+    is then in the train split only), so that no class drops out of the probe's training.
+    ``num_train=0`` draws no train images: the test may then be replaced by any unchosen image.
     """
     test = stratified_choice(test_labels, num_test, seed, total=test_size)
+    if same_source and num_train > 0:
+        test = _hold_back_whole_classes(test)
     if not same_source:
         return test, stratified_choice(train_labels, num_train, seed + 1, total=train_size)
     rest = np.setdiff1d(np.arange(test_size), test.indices)
@@ -154,6 +159,20 @@ def split_choices(
     )
     test = test.without(train.indices)
     return test, train.without(np.concatenate([test.indices, test.reserve()]))
+
+
+def _hold_back_whole_classes(choice: StratifiedChoice) -> StratifiedChoice:
+    """``choice`` without the last chosen member of every class it takes entirely (left for the train split)."""
+    counts = list(choice.counts)
+    slots = dict(choice.slots)
+    for g, (group, count) in enumerate(zip(choice.groups, choice.counts)):
+        if count and count == len(group):
+            counts[g] = count - 1
+            del slots[int(group[count - 1])]
+    if counts == list(choice.counts):
+        return choice
+    indices = np.sort(np.array(list(slots), dtype=np.int64))
+    return StratifiedChoice(indices, choice.groups, tuple(counts), slots, choice.excluded)
 
 
 class ReplacingSubset(Dataset):

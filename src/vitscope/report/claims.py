@@ -222,14 +222,17 @@ def _control_note(
 
 
 def _verdict(claim_id: int, title: str, checks: list[Check], numbers: dict, notes: Iterable[str] = ()) -> ClaimVerdict:
+    """Holds when every check was measured and passed; does not hold when a measured check failed; else
+    not measured (a check whose numbers are missing can never let a finding hold)."""
     measured = [c for c in checks if c.passed is not None]
-    if not measured:
-        status, headline = NOT_MEASURED, ""
-    elif all(c.passed for c in measured):
-        status, headline = HOLDS, ""
+    failed = [c for c in measured if not c.passed]
+    if failed:
+        status, headline = FAILS, failed[0].failure
+    elif len(measured) < len(checks) or not checks:
+        status = NOT_MEASURED
+        headline = "cannot be decided: part of its evidence is not measured" if measured else ""
     else:
-        status = FAILS
-        headline = next(c.failure for c in measured if not c.passed)
+        status, headline = HOLDS, ""
     parts = [c.text for c in checks] + list(notes)
     evidence = "; ".join(parts)
     if headline:
