@@ -1,5 +1,6 @@
 """What every transformer capture shares: building a depth's :class:`LayerOutput` from its tokens, checked
-against the grid, and the check that the residual branches read from the blocks add up to their output."""
+against the grid; the check that the attention read from a block is one softmax map per head whose product
+with the values gives the head outputs; and the check that the residual branches add up to the block output."""
 
 from __future__ import annotations
 
@@ -13,13 +14,56 @@ from torch.utils.hooks import RemovableHandle
 
 from vitscope.capture.layer import Capture, LayerOutput
 
-__all__ = ["BlockCapture", "UnsupportedModelError"]
+__all__ = ["BlockCapture", "UnsupportedModelError", "attention_problem"]
 
 Extra = Mapping[str, Tensor | None]  # the optional tensors of a LayerOutput, by field name
 
 
-class UnsupportedModelError(TypeError):
-    """vitscope cannot analyse (this part of) this architecture; the message says what and why."""
+class UnsupportedModelError(ValueError, TypeError):
+    """vitscope cannot analyse (this part of) this architecture; the message says what and why, in one sentence.
+
+    A ValueError, so that the CLI reports it as bad input (one line, exit code 2); also a TypeError, as the
+    model's type is what does not fit.
+    """
+
+
+_WITHOUT_ATTENTION = "capture with attention=False (token metrics, CKA and probes still work)"
+
+
+def attention_problem(attn: Tensor | None, heads: Tensor | None, values: Tensor | None, num_heads: int) -> str:
+    """What keeps ``attn`` from being softmax attention the metrics can use, or "" when nothing does.
+
+    Args:
+        attn: what the block's attention read gave: must be [B', H, T, T] with ``H = num_heads``, entries >= 0 and
+            rows summing to 1 (B' = B, or B·W for windowed attention).
+        heads: the per-head outputs read before the output projection [B', H, T, D].
+        values: what the module multiplies its attention map with, [B', H, T, D]: ``heads`` must equal
+            ``attn @ values``.
+    """
+    if attn is None:
+        return "its attention module gave no probabilities (fused or custom attention)"
+    if attn.ndim != 4 or attn.shape[1] != num_heads or attn.shape[-1] != attn.shape[-2]:
+        return f"its attention read has shape {tuple(attn.shape)}, not one [T, T] map for each of its {num_heads} heads"
+    tol = max(1e-4, 8 * torch.finfo(attn.dtype).eps)  # a float32 softmax's rounding, or a bfloat16 one's
+    probs = attn.detach().float()
+    rows = probs.sum(-1)
+    if float(probs.min()) < -1e-6 or float((rows - 1).abs().max()) > tol:
+        return (
+            f"its attention rows sum to {float(rows.min()):.3g}..{float(rows.max()):.3g} with smallest entry "
+            f"{float(probs.min()):.3g}, not to 1 over non-negative weights"
+        )
+    if heads is None or values is None:
+        return "its per-head outputs or values could not be read"
+    if heads.shape != values.shape or heads.shape[:3] != attn.shape[:3]:
+        return (
+            f"its per-head outputs {tuple(heads.shape)} and values {tuple(values.shape)} do not fit its attention "
+            f"{tuple(attn.shape)}"
+        )
+    expected = probs @ values.detach().float()
+    error = float((heads.detach().float() - expected).abs().max())
+    if error > tol * float(expected.abs().max()) + 1e-5:
+        return f"its per-head outputs differ from attention x values by {error:.3g}"
+    return ""
 
 
 class BlockCapture(Capture):
@@ -85,6 +129,25 @@ class BlockCapture(Capture):
             has_class_token=facts.has_class_token and prefix > 0,
             window=window,
         )
+
+    def check_attention(
+        self,
+        depth: int,
+        attn: Tensor | None,
+        heads: Tensor | None,
+        values: Tensor | None,
+        num_heads: int,
+    ) -> None:
+        """On the first batch: refuse a block whose attention read is not one softmax map per head whose product
+        with the values gives the per-head outputs (see :func:`attention_problem`)."""
+        if self._verified:
+            return
+        problem = attention_problem(attn, heads, values, num_heads)
+        if problem:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}, {type(self.blocks[depth - 1]).__name__} (block {depth}): {problem}, so "
+                f"it is not the softmax attention vitscope measures; {_WITHOUT_ATTENTION}"
+            )
 
     def check_branches(
         self, depth: int, stream_in: Tensor, attn: Tensor, mlp: Tensor, output: Tensor, what: str = "its"

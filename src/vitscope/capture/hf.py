@@ -16,7 +16,9 @@ Per block [B, T, C] (T = P prefix tokens + h·w spatial tokens, row-major) the c
   callback. Data2VecVision's self-attention returns them only under ``output_attentions``; its
   probabilities are read from the attention-dropout module instead (as timm's ``attn_drop``);
 - ``head_outputs`` [B, H, T, D]: the input of the output projection (A·V, heads concatenated),
-  reshaped;
+  reshaped. On the first batch the capture reads the values [B, H, T, D] off the value projection and
+  refuses a block whose probabilities are not one softmax map per head (rows >= 0 summing to 1) whose
+  product with the values is the per-head output;
 - ``attn_branch`` / ``mlp_branch`` [B, T, C]: the attention module's / MLP's output times the block's
   layer scale (Dinov2 ``layer_scale1/2``, BEiT and Data2Vec ``lambda_1/2``); dropout and drop path
   are identities in eval mode. On the first batch the capture checks stream in + both branches =
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
 from vitscope.capture.layer import ModelFacts, OnLayer, pair
 
-__all__ = ["HFCapture", "HFLayout", "LAYOUTS", "find_layout", "supported_classes"]
+__all__ = ["HFCapture", "HFLayout", "LAYOUTS", "REFUSED", "find_layout", "supported_classes"]
 
 _DINO_SCALES = ("layer_scale1.lambda1", "layer_scale2.lambda1")
 _BEIT_SCALES = ("lambda_1", "lambda_2")
@@ -61,6 +63,7 @@ class HFLayout:
         probs: the module whose output holds the attention probabilities [B, H, T, T] ...
         probs_index: ... at this index of its output tuple (None: the output itself).
         out_proj: the attention's output projection; its input is A·V, heads concatenated [B, T, H·D].
+        v_proj: the value projection; its output is V, heads concatenated [B, T, H·D].
         mlp: the MLP (or its last part); its output is the MLP branch before the layer scale.
         scales: attention and MLP layer scales (a parameter [C], a float or None), or None without.
         class_token: whether token 0 is a class token.
@@ -78,6 +81,7 @@ class HFLayout:
     probs: str = "attention"
     probs_index: int | None = 1
     out_proj: str = "attention.o_proj"
+    v_proj: str = "attention.v_proj"
     mlp: str = "mlp"
     scales: tuple[str | None, str | None] = (None, None)
     class_token: bool = True
@@ -116,11 +120,20 @@ LAYOUTS: tuple[HFLayout, ...] = (
         probs="attention.attention.dropout",
         probs_index=None,
         out_proj="attention.output.dense",
+        v_proj="attention.attention.value",
         mlp="output",
         scales=_BEIT_SCALES,
         eager_class_at="attention.attention",
     ),
-    HFLayout("clip", ("CLIPVisionModel",), "encoder.layers", "self_attn", "self_attn", out_proj="self_attn.out_proj"),
+    HFLayout(
+        "clip",
+        ("CLIPVisionModel",),
+        "encoder.layers",
+        "self_attn",
+        "self_attn",
+        out_proj="self_attn.out_proj",
+        v_proj="self_attn.v_proj",
+    ),
     HFLayout(
         "siglip",
         ("SiglipVisionModel",),
@@ -128,10 +141,19 @@ LAYOUTS: tuple[HFLayout, ...] = (
         "self_attn",
         "self_attn",
         out_proj="self_attn.out_proj",
+        v_proj="self_attn.v_proj",
         class_token=False,
         prefix_tokens=0,
     ),
 )
+
+
+# Encoders vitscope knows and cannot capture, with the reason.
+REFUSED = {
+    "Siglip2VisionModel": "it takes variable-resolution patch sequences (pixel_values [B, N, 3·P·P] with "
+    "spatial_shapes and a patch mask), not images on a fixed grid, so vitscope cannot feed or capture it; use a "
+    "SigLIP 2 tower from OpenCLIP (open_clip:ViT-B-16-SigLIP2) or timm, which take images",
+}
 
 
 def supported_classes() -> tuple[str, ...]:
@@ -143,11 +165,15 @@ def find_layout(model: nn.Module) -> tuple[nn.Module, HFLayout]:
     """The encoder inside ``model`` (itself, its ``base_model`` or its ``vision_model``) and its layout.
 
     Raises:
+        UnsupportedModelError: an encoder in :data:`REFUSED`, with the reason.
         TypeError: no known encoder class, naming the class and the supported ones.
     """
     candidates = (model, getattr(model, "base_model", None), getattr(model, "vision_model", None))
     for candidate in candidates:
         if isinstance(candidate, nn.Module):
+            reason = REFUSED.get(type(candidate).__name__)
+            if reason is not None:
+                raise UnsupportedModelError(f"{type(candidate).__name__}: {reason}")
             for layout in LAYOUTS:
                 if type(candidate).__name__ in layout.classes:
                     return candidate, layout
@@ -300,6 +326,8 @@ class HFCapture(BlockCapture):
         if self.attention:
             handles.append(_module_at(block, layout.probs).register_forward_hook(self._probs_hook(depth, slot)))
             handles.append(_module_at(block, layout.out_proj).register_forward_pre_hook(self._heads_hook(slot)))
+            if not self._verified:
+                handles.append(_module_at(block, layout.v_proj).register_forward_hook(self._values_hook(slot)))
         if self.branches:
             attn_scale, mlp_scale = (_attribute_at(block, path) if path else None for path in layout.scales)
             handles.append(block.register_forward_pre_hook(_keep_input(slot), with_kwargs=True))
@@ -311,6 +339,9 @@ class HFCapture(BlockCapture):
         def block_out(_m: nn.Module, _args: tuple, output: Any) -> None:
             tokens = _first(output)
             extra = {name: slot.pop(name, None) for name in ("attn", "head_outputs")}
+            if self.attention:
+                heads = cast(int, self.facts.num_heads)
+                self.check_attention(depth, extra["attn"], extra["head_outputs"], slot.pop("values", None), heads)
             if self.branches:
                 extra.update(self._branches(depth, slot, tokens))
             slot.clear()
@@ -333,6 +364,14 @@ class HFCapture(BlockCapture):
                     "is not eager. Load it with attn_implementation='eager' or capture with attention=False"
                 )
             slot["attn"] = probs
+
+        return keep
+
+    def _values_hook(self, slot: dict[str, Tensor]) -> Callable[[nn.Module, tuple, Tensor], None]:
+        heads = cast(int, self.facts.num_heads)
+
+        def keep(_m: nn.Module, _args: tuple, output: Tensor) -> None:
+            slot["values"] = output.reshape(output.shape[0], output.shape[1], heads, -1).transpose(1, 2)
 
         return keep
 

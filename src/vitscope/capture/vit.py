@@ -6,17 +6,29 @@ stage after another), each with an ``.attn`` module. A block either works on tok
 tokens [B, H·W, C] in row-major order, its size read off the tensor, so a hierarchical model's depths
 each carry their own grid and stride.
 
+Each depth carries its own stride in pixels, read off the model's geometry: the patch embedding's whole
+reduction (``feat_ratio``: a hybrid's CNN stride times its patch size; ``embeds`` for NaFlexVit) times the
+stage's reduction from ``feature_info`` (Swin: 4, 8, 16, 32 px whatever the image size), and the grid a
+block shows is checked against it.
+
 Per block the capture takes:
 - attention probabilities from ``attn.attn_drop`` (timm's fused scaled-dot-product attention never
   materialises them, so it is switched off on every attention module while capturing and restored
   afterwards, also when the forward raises). Windowed attention comes per window, [B·W, H, n, n],
   and ``LayerOutput.window`` says the window grid;
-- per-head outputs A·V from the input of the output projection (or of the optional norm before it);
+- per-head outputs A·V from the input of the output projection (or of the optional norm before it), split
+  into the block's own number of heads (a Swin stage's). On the first batch each attention module is run a
+  second time with its probabilities replaced by the identity, which gives the values it multiplies them
+  with; a module whose read is not one softmax map per head (rows >= 0 summing to 1) whose product with
+  those values is the per-head output is refused (DiffAttention's A1 - λ·A2 is, by name, before any pass);
 - the residual branches from the outputs of ``drop_path1`` and ``drop_path2``, which every timm block
   adds to its stream (``x = x + drop_path1(...)``, ``x = x + drop_path2(...)``): exact, whatever the
   layer scale or norm placement (pre-norm, post-norm, SAM's windowed branch is un-partitioned first).
   On the first batch the capture checks stream in + attention branch + MLP branch = block output and
   refuses a block layout where it does not hold.
+
+Parallel blocks (``ParallelScalingBlock``, ``ParallelThingsBlock``: attention and MLP side by side on one
+input) give their tokens exactly; their attention and branches are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +42,14 @@ from torch import Tensor, nn
 
 from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
 from vitscope.capture.layer import LayerOutput, ModelFacts, OnLayer, pair
+from vitscope.capture.timm_layout import (
+    block_heads,
+    block_strides,
+    is_parallel,
+    patch_embedding,
+    patch_stride,
+    transformer_blocks,
+)
 
 __all__ = ["ViTCapture", "is_vision_transformer", "transformer_blocks", "UnsupportedModelError"]
 
@@ -41,19 +61,6 @@ class _FusedAttention(Protocol):
     """A timm attention module with the switch between fused SDPA and explicit probabilities."""
 
     fused_attn: bool
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The attention blocks in forward order: ``model.blocks`` or, stage by stage, ``model.layers[s].blocks``."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[0], "attn"):
-        return list(blocks)
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, (nn.Sequential, nn.ModuleList)):
-        staged = [block for layer in layers for block in getattr(layer, "blocks", ())]
-        if staged and all(hasattr(block, "attn") for block in staged):
-            return staged
-    return []
 
 
 def is_vision_transformer(model: nn.Module) -> bool:
@@ -83,21 +90,32 @@ def _window_of(block: nn.Module) -> tuple[int, int] | None:
 
 
 _WITHOUT_ATTENTION = (
-    "Token metrics, CKA and probes work without attention: make_capture(model, attention=False, branches=False) "
+    "token metrics, CKA and probes work without it: make_capture(model, attention=False, branches=False) "
     "(CLI: --metrics token_cosine,depth_cosine,effective_rank,fourier_high,linear_probe,cka,noise,tsne)"
 )
 _UNSUPPORTED_ATTENTION = {
+    "DiffAttention": "its blocks use differential attention, which weighs each head's values by A1 - λ·A2 of two "
+    "softmax maps (rows sum to 1 - λ, entries can be negative) and RMS-normalises the result, so no probability "
+    "distribution over tokens weighs the values; the attention metrics are undefined for it",
     "XCA": "its blocks use cross-covariance attention, which attends over channels, not tokens; attention "
-    "distance, NMI, entropy and head similarity are undefined for it.",
+    "distance, NMI, entropy and head similarity are undefined for it",
     "TalkingHeadAttn": "its blocks mix the heads' attention after the softmax (talking heads), so what reaches the "
-    "values is no probability distribution over tokens; the attention metrics are undefined for it.",
+    "values is no probability distribution over tokens; the attention metrics are undefined for it",
 }
 
 
-def _check_supported(model: nn.Module, blocks: list[nn.Module]) -> None:
-    reason = _UNSUPPORTED_ATTENTION.get(type(blocks[0].attn).__name__)
+def _check_supported(model: nn.Module, blocks: list[nn.Module], attention: bool, branches: bool) -> None:
+    """Refuse, before any pass, what is known not to be capturable: parallel blocks' attention and branches, and
+    the attention of the modules in ``_UNSUPPORTED_ATTENTION``."""
+    if (attention or branches) and is_parallel(blocks[0]):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its {type(blocks[0]).__name__}s run attention and MLP side by side on the same "
+            "input, so no stream lies between the branches (the residual ratios are undefined) and no attention "
+            f"module of its own holds each block's probabilities; {_WITHOUT_ATTENTION}"
+        )
+    reason = _UNSUPPORTED_ATTENTION.get(type(getattr(blocks[0], "attn", None)).__name__) if attention else None
     if reason is not None:
-        raise UnsupportedModelError(f"{type(model).__name__}: {reason} {_WITHOUT_ATTENTION}")
+        raise UnsupportedModelError(f"{type(model).__name__}: {reason}; {_WITHOUT_ATTENTION}")
 
 
 class ViTCapture(BlockCapture):
@@ -116,37 +134,38 @@ class ViTCapture(BlockCapture):
             raise TypeError(
                 f"{type(model).__name__} has no `blocks[i].attn` or `layers[s].blocks[j].attn`: use FeatureCapture"
             )
-        if attention:
-            _check_supported(model, self.blocks)
+        _check_supported(model, self.blocks, attention, branches)
         self.attention = attention
         self.branches = branches
         self._verified = False
+        self._probing = False  # True while an attention module runs again to show its values (first batch)
+        self.heads = [block_heads(block) for block in self.blocks]  # per block: Swin stages differ
         self.facts = self._read_facts()
 
     def _read_facts(self) -> ModelFacts:
         model = self.model
-        attn0 = cast(nn.Module, self.blocks[0].attn)
-        num_heads = int(cast(SupportsInt, attn0.num_heads))
         embed_dim = int(cast(SupportsInt, getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0))) or None
-        has_cls = getattr(model, "cls_token", None) is not None
+        embed = patch_embedding(model)
+        has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(embed, "has_class_token", False))
         if hasattr(model, "num_prefix_tokens"):
             prefix = int(cast(SupportsInt, model.num_prefix_tokens))
         else:
             prefix = int(has_cls) + int(getattr(model, "dist_token", None) is not None)
         if hasattr(model, "cls_attn_blocks") or hasattr(model, "blocks_token_only"):
             prefix, has_cls = 0, False  # XCiT, CaiT: the class token joins after the blocks vitscope reads
-        patch_embed = cast(nn.Module, model.patch_embed)
-        patch = pair(cast("int | tuple[int, int]", patch_embed.patch_size))
         staged = not isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
+        names = {id(module): name for name, module in model.named_modules()}
+        layer_names = tuple(names[id(block)] for block in self.blocks)
+        self.strides = block_strides(model, layer_names, patch_stride(embed))  # pixels per token, block by block
         return ModelFacts(
             kind="hierarchical" if staged else "vit",
             num_layers=len(self.blocks),
-            num_heads=num_heads,
+            num_heads=self.heads[0],
             embed_dim=embed_dim,
             num_prefix_tokens=prefix,
-            patch_size=patch,
+            patch_size=self.strides[0],
             has_class_token=has_cls,
-            layer_names=tuple(name for name, module in model.named_modules() if any(module is b for b in self.blocks)),
+            layer_names=layer_names,
         )
 
     @contextmanager
@@ -200,7 +219,16 @@ class ViTCapture(BlockCapture):
                 "expected tokens [B, T, C] or a channels-last grid [B, H, W, C]"
             )
         grid = (int(hidden.shape[1]), int(hidden.shape[2]))
-        patch = (image_hw[0] // grid[0], image_hw[1] // grid[1])
+        patch = self.strides[max(depth - 1, 0)]
+        fits = {
+            (image_hw[0] // patch[0], image_hw[1] // patch[1]),
+            (-(-image_hw[0] // patch[0]), -(-image_hw[1] // patch[1])),
+        }
+        if grid not in fits:
+            raise RuntimeError(
+                f"{type(self.model).__name__} block {depth}: a {grid[0]}x{grid[1]} grid for input {image_hw} does not "
+                f"fit the block's stride of {patch[0]}x{patch[1]} px (expected {' or '.join(map(str, sorted(fits)))})"
+            )
         return LayerOutput(
             depth,
             _as_tokens(hidden),
@@ -224,21 +252,10 @@ class ViTCapture(BlockCapture):
         make_layer: Callable[..., LayerOutput],
     ) -> list:
         handles = []
-        attn_module = cast(nn.Module, block.attn)
         window = _window_of(block)
 
         def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             slot["stream_in"] = _first_tensor(args, kwargs)
-
-        def attn_probs(_m: nn.Module, _args: tuple, output: Tensor) -> None:
-            if output.ndim == 3:  # [B·H, n, n] (SAM folds the heads into the batch)
-                output = output.reshape(-1, cast(int, self.facts.num_heads), *output.shape[-2:])
-            slot["attn"] = output
-
-        def heads_in(_m: nn.Module, args: tuple) -> None:
-            x = args[0]  # [B, T, H*D] (or [B·W, n, H*D]), heads concatenated
-            heads = cast(int, self.facts.num_heads)
-            slot["head_outputs"] = x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
         def block_out(_m: nn.Module, _args: tuple, output: Tensor) -> None:
             extra: _Extra = {}
@@ -255,18 +272,54 @@ class ViTCapture(BlockCapture):
             handles.append(block.register_forward_pre_hook(block_in, with_kwargs=True))
             handles.extend(self._hook_branches(block, depth, slot))
         if self.attention:
-            drop = getattr(attn_module, "attn_drop", None)
-            if not isinstance(drop, nn.Module):
-                raise UnsupportedModelError(
-                    f"{type(attn_module).__name__} (block {depth}) has no attn_drop: its attention probabilities "
-                    "cannot be read"
-                )
-            handles.append(drop.register_forward_hook(attn_probs))
-            head_norm = getattr(attn_module, "norm", None)
-            target = head_norm if isinstance(head_norm, nn.Module) else cast(nn.Module, attn_module.proj)
-            handles.append(target.register_forward_pre_hook(heads_in))
+            handles.extend(self._hook_attention(block, depth, slot))
         handles.append(block.register_forward_hook(block_out))
         return handles
+
+    def _hook_attention(self, block: nn.Module, depth: int, slot: dict[str, Tensor]) -> list:
+        """Keep the probabilities (``attn_drop``'s output) and the per-head outputs (the input of ``proj``, or of
+        the head norm before it); on the first batch, run the module again with identity probabilities to read
+        its values, and check that the probabilities times the values are the per-head outputs."""
+        attn_module = cast(nn.Module, block.attn)
+        heads = cast(int, self.heads[depth - 1])
+        drop = getattr(attn_module, "attn_drop", None)
+        if not isinstance(drop, nn.Module) or not heads:
+            raise UnsupportedModelError(
+                f"{type(attn_module).__name__} (block {depth}) has no attn_drop or num_heads: its attention "
+                f"probabilities cannot be read; {_WITHOUT_ATTENTION}"
+            )
+
+        def attn_probs(_m: nn.Module, _args: tuple, output: Tensor) -> Tensor | None:
+            if self._probing:  # the module multiplies the identity by its values: they reach the head outputs
+                return torch.eye(output.shape[-1], dtype=output.dtype, device=output.device).expand_as(output).clone()
+            if output.ndim == 3:  # [B·H, n, n] (SAM folds the heads into the batch)
+                output = output.reshape(-1, heads, *output.shape[-2:])
+            slot["attn"] = output
+            return None
+
+        def heads_in(_m: nn.Module, args: tuple) -> None:
+            x = args[0]  # [B, T, H*D] (or [B·W, n, H*D], SAM [B, h, w, H*D]), heads concatenated
+            split = x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+            slot["values" if self._probing else "head_outputs"] = split
+
+        def verify(module: nn.Module, args: tuple, kwargs: dict, _output: Tensor) -> None:
+            if self._verified or self._probing:
+                return
+            self._probing = True
+            try:
+                with torch.no_grad():  # forward itself: the module's own hooks (this one) do not run again
+                    module.forward(*args, **kwargs)
+            finally:
+                self._probing = False
+            self.check_attention(depth, slot.get("attn"), slot.get("head_outputs"), slot.pop("values", None), heads)
+
+        head_norm = getattr(attn_module, "norm", None)
+        target = head_norm if isinstance(head_norm, nn.Module) else cast(nn.Module, attn_module.proj)
+        return [
+            drop.register_forward_hook(attn_probs),
+            target.register_forward_pre_hook(heads_in),
+            attn_module.register_forward_hook(verify, with_kwargs=True),
+        ]
 
     @staticmethod
     def _hook_branches(block: nn.Module, depth: int, slot: dict[str, Tensor]) -> list:

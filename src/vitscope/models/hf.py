@@ -84,7 +84,9 @@ def load_hf(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: Any) ->
         WeightsNotFoundError: a repo id absent from the local Hugging Face cache.
         FileNotFoundError: a directory that does not exist or holds no ``config.json``.
         CheckpointMismatchError: encoder weights missing or of another shape (with ``strict``).
-        ValueError: an option ``hf:`` does not take, or a config transformers has no model class for.
+        UnsupportedModelError: an encoder vitscope cannot capture (Siglip2VisionModel), with the reason.
+        ValueError: an option ``hf:`` does not take, a config transformers has no model class for, or no way
+            to tell the input size.
     """
     unknown = sorted(set(opts) - set(_OPTIONS))
     if unknown:
@@ -94,6 +96,7 @@ def load_hf(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: Any) ->
     revision = opts.get("revision")
     folder = locate_hf_model(parsed.target, revision=None if revision is None else str(revision), context=parsed.text)
     config, encoder_config, model_class = _encoder_class(folder, parsed.text)
+    _refuse_uncapturable(model_class.__name__, parsed.text)
     report = LoadReport(
         spec=parsed.text,
         source="hf",
@@ -210,6 +213,16 @@ def _encoder_class(folder: Path, context: str) -> tuple[Any, Any, type[PreTraine
         ) from None
 
 
+def _refuse_uncapturable(class_name: str, context: str) -> None:
+    """An encoder vitscope knows it cannot capture is refused before it is built, with the reason."""
+    from vitscope.capture.blocks import UnsupportedModelError
+    from vitscope.capture.hf import REFUSED
+
+    reason = REFUSED.get(class_name)
+    if reason is not None:
+        raise UnsupportedModelError(f"{context}: {class_name}: {reason}")
+
+
 def _from_pretrained(
     model_class: type[PreTrainedModel], folder: Path, config: Any, seed: Any
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -323,7 +336,13 @@ def _preprocess(folder: Path, config: Any, encoder_config: Any) -> Preprocess:
 
         processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     else:
-        processor = _default_processor(config.model_type, _pair(encoder_config.image_size))
+        image_size = getattr(encoder_config, "image_size", None)
+        if image_size is None:
+            raise ValueError(
+                f"{folder}: config.json gives no image_size and no preprocessor_config.json lies beside it, so the "
+                "input size is unknown (save the model's image processor there with save_pretrained)"
+            )
+        processor = _default_processor(config.model_type, _pair(image_size))
     if getattr(processor, "do_normalize", True):
         mean = tuple(float(v) for v in processor.image_mean)
         std = tuple(float(v) for v in processor.image_std)

@@ -108,6 +108,7 @@ def load_open_clip(parsed: ModelSpec, opts: dict[str, Any], strict: bool, seed: 
         report.notes.append(f"random initialisation (seed={seed}); no weights loaded")
     else:
         _load_weights(visual, read_state_dict(path), report, strict)
+    _fit_timm_trunk(parsed, visual, report)
     attach_preprocess(visual, _preprocess(open_clip, visual, arch, [dir_preprocess, tag_cfg, opts], report))
     return visual.eval(), report
 
@@ -196,6 +197,27 @@ def _build_tower(
         return cast(nn.Module, open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu, None))
     except (TypeError, ValueError, AssertionError) as err:
         raise ValueError(f"{parsed.text}: cannot build the visual tower from {vision_cfg}: {err}") from None
+
+
+def _fit_timm_trunk(parsed: ModelSpec, visual: nn.Module, report: LoadReport) -> None:
+    """A timm tower's trunk set to the tower's image size: open_clip builds the trunk at timm's default size
+    whatever ``image_size`` says; timm's ``set_input_size`` resizes it (and resamples its position embedding,
+    loaded weights included)."""
+    trunk, size = getattr(visual, "trunk", None), _image_size(visual)
+    built = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
+    if not isinstance(trunk, nn.Module) or size is None or built is None or tuple(built) == size:
+        return
+    resize = getattr(trunk, "set_input_size", None)
+    if not callable(resize):
+        raise ValueError(
+            f"{parsed.text}: the timm trunk {type(trunk).__name__} is built for {built[0]}x{built[1]} px and has no "
+            f"set_input_size to take image_size {size[0]}x{size[1]}; leave image_size at the config's"
+        )
+    resize(img_size=size)
+    report.resized.append(
+        f"timm trunk input {built[0]}x{built[1]} -> {size[0]}x{size[1]} px "
+        "(set_input_size, position embedding resampled)"
+    )
 
 
 # ----------------------------------------------------------------------------- weights
