@@ -186,6 +186,22 @@ def test_bad_numbers_and_devices_are_refused_naming_the_flag(tmp_path, capsys, f
     assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "message"),
+    [
+        ("demo", "--device", "tpu", "unknown device 'tpu'; expected auto, cpu, cuda, cuda:N or mps"),
+        ("demo", "--seed", "-3", "must be a non-negative integer (at least 0), got -3"),
+        ("capture", "--seed", "-3", "must be a non-negative integer (at least 0), got -3"),
+    ],
+)
+def test_demo_and_capture_refuse_bad_flags_too(tmp_path, capsys, command, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--out" if command == "demo" else "--split", str(tmp_path) if command == "demo" else "test",
+              flag, value])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_on_a_machine_without_it_is_refused_before_work(tmp_path, vits, capsys):
     data = image_folder(tmp_path / "images", classes=2, per_class=4)

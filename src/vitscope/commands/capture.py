@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from vitscope.capture import LayerOutput, make_capture
-from vitscope.commands.common import positive_int
+from vitscope.commands.common import non_negative_int, positive_int
 from vitscope.data import SkipCounter, build_transform, make_loader, open_dataset
 from vitscope.models import load_model
 
@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "test"])
     parser.add_argument("--num-images", type=positive_int, default=64)
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
 
 
 class LayerSummary:

@@ -10,10 +10,20 @@ the papers' MIM covers both.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vitscope.analyses import AnalysisConfig, analyze
-from vitscope.commands.common import CommandError, positive_int, save_analysis, verdict_and_report
+from vitscope.commands.common import (
+    CommandError,
+    device_name,
+    non_negative_int,
+    positive_int,
+    require_device,
+    save_analysis,
+    verdict_and_report,
+)
+from vitscope.distributed import init_distributed
 from vitscope.models import cards
 from vitscope.results import Results
 
@@ -31,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--noise-images", type=positive_int, default=250)
     parser.add_argument("--batch-size", type=positive_int, default=125)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def demo_models() -> dict[str, str]:
@@ -64,16 +74,19 @@ def probe_table(results: Results, labels: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     models = demo_models()
+    require_device(args.device)
     config = AnalysisConfig(
         num_images=args.num_images,
         probe_train_images=args.probe_images,
         noise_images=args.noise_images,
         batch_size=args.batch_size,
-        device=args.device,
+        device=str(init_distributed(args.device).device),
         seed=args.seed,
     )
     out_dir = Path(args.out)
-    output = analyze(models, args.data, config)
+    output = analyze(
+        models, args.data, config, roles=ROLES, notify=lambda note: print(f"note: {note}", file=sys.stderr)
+    )
     assert output is not None  # one process
     output.results.meta["roles"] = ROLES
     save_analysis(output, out_dir)
