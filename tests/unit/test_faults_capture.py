@@ -240,3 +240,15 @@ def test_cli_refuses_diff_attention_in_one_line(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("vitscope capture: error: VisionTransformer: its blocks use differential")
     assert len(err.splitlines()) == 1
+
+
+def test_cli_capture_reports_swin_stages_per_image(capsys: pytest.CaptureFixture[str]) -> None:
+    swin = "img_size=36&embed_dim=24&depths=(1,1,1,1)&num_heads=(1,2,3,4)&window_size=3"
+    spec = f"random:swin_tiny_patch4_window7_224?{swin}"
+    assert cli.main(["capture", "--model", spec, "--num-images", "2", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "hierarchical, 4 layers, 1, 2, 3, 4 heads" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    entropies = {int(row[0]): float(row[-1]) for row in rows}
+    for depth in range(1, 5):  # a window of 3x3 tokens (or fewer): the mean row entropy is at most ln 9
+        assert 0 < entropies[depth] <= math.log(9) + 1e-6

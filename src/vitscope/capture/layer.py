@@ -18,12 +18,18 @@ class ModelFacts:
 
     kind: str  # "vit" or "cnn"
     num_layers: int  # blocks (ViT) or stages (CNN); depths run 0..num_layers for a ViT
-    num_heads: int | None
+    num_heads: int | None  # the first block's; see layer_heads where stages differ (Swin)
     embed_dim: int | None
     num_prefix_tokens: int  # CLS + registers + distillation tokens before the spatial tokens
     patch_size: tuple[int, int]  # pixels per token along (rows, cols); a CNN stage's stride
     has_class_token: bool
     layer_names: tuple[str, ...] = field(default=())
+    layer_heads: tuple[int, ...] = field(default=())  # heads of each block in order; () when it does not say
+
+    def heads_text(self) -> str:
+        """The head count, or each stage's run of counts where they differ ("2, 4, 8, 16")."""
+        distinct = [n for i, n in enumerate(self.layer_heads) if i == 0 or n != self.layer_heads[i - 1]]
+        return ", ".join(map(str, distinct)) if len(distinct) > 1 else str(self.num_heads)
 
     def grid_for(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) for an input of ``image_hw`` pixels."""

@@ -166,6 +166,7 @@ class ViTCapture(BlockCapture):
             patch_size=self.strides[0],
             has_class_token=has_cls,
             layer_names=layer_names,
+            layer_heads=tuple(n for n in self.heads if n is not None) if None not in self.heads else (),
         )
 
     @contextmanager

@@ -39,8 +39,8 @@ class LayerSummary:
         attn = layer.spatial_attn
         if attn is not None:
             p = attn.float()
-            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(1, 2))
-            row["entropy"] += entropy.sum().item()
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(1, 2))  # [B] (or [B·W] per window)
+            row["entropy"] += layer.per_image(entropy).sum().item()
         else:
             row["entropy"] = math.nan
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             seen += len(batch.images)
     facts = capture.facts
     print(
-        f"model {args.model}: {facts.kind}, {facts.num_layers} layers, {facts.num_heads} heads, "
+        f"model {args.model}: {facts.kind}, {facts.num_layers} layers, {facts.heads_text()} heads, "
         f"{facts.num_prefix_tokens} prefix tokens, patch {facts.patch_size[0]}x{facts.patch_size[1]}"
     )
     print(f"data {args.data} ({args.split}): {seen} images; {skips.report()}")
