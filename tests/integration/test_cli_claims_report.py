@@ -70,4 +70,7 @@ def test_report_command_and_its_errors(tmp_path, capsys):
     assert "no such results directory" in capsys.readouterr().err
     (out / "arrays.npz").write_bytes(b"not a zip file")
     assert main(["report", str(out)]) == 2
+    assert "arrays.npz: not part of run" in capsys.readouterr().err  # not the run's file (manifest.json)
+    (out / "manifest.json").unlink()  # a directory without manifest: the file itself is checked
+    assert main(["report", str(out)]) == 2
     assert "arrays.npz: cannot read arrays" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vitscope.results import Results, Row, make_row
+from vitscope.rundir import save_run
 
 L = 6
 GRID = (4, 4)
@@ -262,13 +263,9 @@ def make_arrays(models: Iterable[str] = VIT_MODELS, seed: int = 0) -> dict[str, 
 def write_results_dir(
     out_dir: str | Path, results: Results | None = None, arrays: Mapping[str, np.ndarray] | None = None
 ) -> Path:
-    """Write metrics.{csv,json} and arrays.npz (pass ``arrays={}`` to leave arrays.npz out)."""
+    """Write a committed run: metrics.{csv,json}, arrays.npz (pass ``arrays={}`` to leave it out), manifest.json."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (results if results is not None else make_results()).save(out)
-    arrays = make_arrays() if arrays is None else arrays
-    if arrays:
-        np.savez(out / "arrays.npz", **arrays)
+    save_run(out, results if results is not None else make_results(), make_arrays() if arrays is None else arrays)
     return out
 
 

@@ -51,7 +51,10 @@ class AttentionMaps(Reducer):
     def merge(self, states: list[dict]) -> None:
         for state in states:
             if not self.maps and state["maps"]:
-                self.maps, self.queries = state["maps"], state["queries"]
+                self.maps, self.queries = state["maps"], [tuple(q) for q in state["queries"]]
+
+    def restore(self, snapshot: dict, device: str | torch.device = "cpu") -> None:
+        self.merge([snapshot])  # the maps stay on the CPU, where update() puts them
 
     def arrays(self, label: str) -> dict[str, np.ndarray]:
         if not self.maps:

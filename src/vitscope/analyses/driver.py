@@ -12,7 +12,7 @@ Per batch and model the call order is ``begin_batch(images, labels)``, ``update(
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,7 @@ def run_lockstep(
     dtype: torch.dtype | None = None,
     skips: SkipCounter | None = None,
     progress: str | None = "analyse",
+    after_batch: Callable[[int, int], None] | None = None,
 ) -> int:
     """One pass over ``loader``: every model runs on every batch, feeding its reducers. Returns the number
     of images seen (per model).
@@ -107,6 +108,8 @@ def run_lockstep(
         skips: collects the unreadable files the batches report.
         progress: tqdm description, or None for no bar (one bar in images, with images/s and the time
             left; under torchrun it counts this process's images times the number of processes).
+        after_batch: called after every batch (with no reducer inside a batch) with the batch's run-wide
+            number and the images seen so far: where a checkpoint can be taken.
     """
     seen = 0
     sampler = getattr(loader, "sampler", None)
@@ -117,14 +120,15 @@ def run_lockstep(
         for number, views in enumerate(as_batches(loader)):
             if skips is not None:
                 skips.update(views[0])
-            if len(views[0].images) == 0:
-                continue
             first = views[0]
-            position = (first.index if first.index >= 0 else number, first.offset if first.offset >= 0 else seen)
-            for model in models:
-                _run_one(model, views[model.view], position, device, dtype)
-            seen += len(first.images)
-            bar.update(len(first.images) * share)
+            if len(first.images):
+                position = (first.index if first.index >= 0 else number, first.offset if first.offset >= 0 else seen)
+                for model in models:
+                    _run_one(model, views[model.view], position, device, dtype)
+                seen += len(first.images)
+                bar.update(len(first.images) * share)
+            if after_batch is not None:
+                after_batch(first.index if first.index >= 0 else number, seen)
     return seen
 
 

@@ -21,12 +21,13 @@ first ``spectrum_groups`` groups only: their stderr is over groups, their ``n`` 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vitscope.analyses.driver import ModelPass, run_lockstep
-from vitscope.analyses.reducer import MomentsReducer, Reducer
+from vitscope.analyses.reducer import MomentsReducer, Reducer, tensors_to
 from vitscope.capture import LayerOutput, ModelFacts, make_capture
 from vitscope.data import SkipCounter
 from vitscope.metrics import (
@@ -206,6 +207,15 @@ class SpectrumReducer(MomentsReducer):
             self.add("effective_rank", layer.depth, effective_rank(spectra))
         if complete < tokens.shape[0]:
             self._pending[layer.depth] = (start + complete, tokens[complete:].clone())
+
+    def snapshot(self) -> Any:
+        """The moments and the images of a group not yet complete (depth -> (first position, tokens))."""
+        pending = {depth: (start, tokens.detach().cpu()) for depth, (start, tokens) in self._pending.items()}
+        return {"moments": self.state(), "pending": pending}
+
+    def restore(self, snapshot: Any, device: str | torch.device = "cpu") -> None:
+        self.merge([tensors_to(snapshot["moments"], device)])
+        self._pending = {depth: (start, tokens.to(device)) for depth, (start, tokens) in snapshot["pending"].items()}
 
 
 class FourierReducer(MomentsReducer):

@@ -95,12 +95,20 @@ class FeatureBank(Reducer):
         return sorted(self._batches, key=lambda batch: batch.index)
 
     def state(self) -> dict:
-        return {"depths": self.depths, "batches": self._ordered()}
+        return {"depths": self.depths, "batches": [batch.plain() for batch in self._ordered()]}
 
     def merge(self, states: list[dict]) -> None:
         for state in states:
-            self._batches.extend(state["batches"])
+            self._batches.extend(_BankBatch.from_plain(batch) for batch in state["batches"])
             self.depths = self.depths or state["depths"]
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._batches)
+
+    def batches_since(self, count: int) -> list[dict]:
+        """The batches added after the first ``count`` (in the order they came), as plain CPU records."""
+        return [batch.plain() for batch in self._batches[count:]]
 
     @property
     def kinds(self) -> list[str]:
@@ -144,6 +152,15 @@ class _BankBatch:
         self.labels = self.labels.cpu()
         self.features = {key: value.cpu() for key, value in self.features.items()}
 
+    def plain(self) -> dict:
+        """As plain containers and CPU tensors (``torch.load(weights_only=True)`` reads them back)."""
+        features = {key: value.cpu() for key, value in self.features.items()}
+        return {"index": self.index, "labels": self.labels.cpu(), "features": features}
+
+    @classmethod
+    def from_plain(cls, record: dict) -> _BankBatch:
+        return cls(int(record["index"]), record["labels"], dict(record["features"]))
+
 
 # ------------------------------------------------------------------------------------ training
 @dataclass(frozen=True)
@@ -183,6 +200,18 @@ class LinearProbes:
     @property
     def num_classes(self) -> int:
         return int(self.weight.shape[-1])
+
+    def to_plain(self) -> dict:
+        """As plain containers and CPU tensors (``torch.load(weights_only=True)`` reads them back)."""
+        tensors = {name: getattr(self, name).detach().cpu() for name in ("mean", "std", "weight", "bias", "train_top1")}
+        return {"depths": list(self.depths), "kind": self.kind, "widths": self.widths, **tensors}
+
+    @classmethod
+    def from_plain(cls, record: dict, device: str | torch.device = "cpu") -> LinearProbes:
+        tensors = {name: record[name].to(device) for name in ("mean", "std", "weight", "bias")}
+        widths = None if record["widths"] is None else list(record["widths"])
+        return cls(list(record["depths"]), **tensors, kind=record["kind"], widths=widths,
+                   train_top1=record["train_top1"])  # fmt: skip
 
     def logits(self, feats: Tensor) -> Tensor:
         """feats [L, n, C] -> logits [L, n, K]."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from vitscope.capture import LayerOutput
 from vitscope.results import Row, make_row
 
-__all__ = ["Reducer", "RunningMoments", "MomentsReducer", "to_cpu"]
+__all__ = ["Reducer", "RunningMoments", "MomentsReducer", "to_cpu", "tensors_to"]
 
 
 class Reducer:
@@ -30,7 +30,12 @@ class Reducer:
 
     Under ``torchrun`` every process feeds its own reducers; then :meth:`state` of each process is
     gathered and rank 0 folds them in with :meth:`merge`, after which its rows are those of one process
-    that saw every batch. ``state`` must be picklable and hold CPU tensors.
+    that saw every batch. ``state`` holds plain containers (dict, list, tuple, str, numbers, None) and
+    CPU tensors only.
+
+    Between batches :meth:`snapshot` is everything the reducer holds, loadable with
+    ``torch.load(weights_only=True)``, and :meth:`restore` continues from it on a fresh reducer with the
+    same numbers as if it had never stopped (``vitscope analyze --resume``).
     """
 
     batch_index: int = 0
@@ -55,6 +60,25 @@ class Reducer:
     def merge(self, states: list[Any]) -> None:
         """Fold the :meth:`state` of the other processes into this one."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged across processes")
+
+    def snapshot(self) -> Any:
+        """Everything held between batches (default: :meth:`state`); plain containers and CPU tensors."""
+        return self.state()
+
+    def restore(self, snapshot: Any, device: str | torch.device = "cpu") -> None:
+        """Continue from a :meth:`snapshot`, on a fresh reducer (default: merge it, tensors on ``device``)."""
+        self.merge([tensors_to(snapshot, device)])
+
+
+def tensors_to(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor in its containers moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: tensors_to(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensors_to(item, device) for item in value)
+    return value
 
 
 def to_cpu(value: Tensor | None) -> Tensor | None:
@@ -145,12 +169,16 @@ class MomentsReducer(Reducer):
         self.add(metric, layer, values.mean(dim=-1))
 
     def state(self) -> Any:
-        return {key: (m.count, to_cpu(m.mean), to_cpu(m.m2)) for key, m in self.moments.items()}
+        """(metric, layer, column) -> (count, mean, m2)."""
+        return {
+            (key.metric, key.layer, key.column): (m.count, to_cpu(m.mean), to_cpu(m.m2))
+            for key, m in self.moments.items()
+        }
 
     def merge(self, states: list[Any]) -> None:
         for state in states:
             for key, (count, mean, m2) in state.items():
-                self.moments.setdefault(key, RunningMoments()).combine(count, mean, m2)
+                self.moments.setdefault(_Key(*key), RunningMoments()).combine(count, mean, m2)
 
     def rows(self, model: str) -> list[Row]:
         order = {name: i for i, name in enumerate(self.names)}

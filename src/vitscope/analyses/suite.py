@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import timm
@@ -29,13 +30,14 @@ from tqdm import tqdm
 
 import vitscope
 from vitscope.analyses.attention_maps import AttentionMaps
+from vitscope.analyses.checkpoint import SuiteCheckpoint, array_digest, run_identity, weights_digest
 from vitscope.analyses.cka import CKAReducer, CrossModelCKA
 from vitscope.analyses.driver import ModelPass, run_lockstep
 from vitscope.analyses.localisation import SpatialLocalisation
 from vitscope.analyses.moments import ALL_METRICS, metric_reducers
 from vitscope.analyses.noise import noise_robustness
 from vitscope.analyses.preflight import ModelShape, RunPlan, check_control, plan_run, split_notes
-from vitscope.analyses.probes import FeatureBank, ProbeConfig, linear_probe
+from vitscope.analyses.probes import FeatureBank, LinearProbes, ProbeConfig, linear_probe
 from vitscope.analyses.tokens import pick_examples, token_tsne
 from vitscope.capture import make_capture
 from vitscope.data import (
@@ -205,13 +207,44 @@ def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisCon
 
 
 def _loader(
-    dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig, env: DistEnv, shard: bool = True
-) -> ChoiceLoader:
-    """This process's batches of the chosen images (all of them when ``shard`` is False)."""
+    dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig, env: DistEnv, shard: bool = True,
+    start: int = 0,
+) -> ChoiceLoader:  # fmt: skip
+    """This process's batches of the chosen images (all of them when ``shard`` is False), from batch ``start``."""
     rank, world = (env.rank, env.world) if shard else (0, 1)
     return choice_loader(dataset, choice, batch_size=config.batch_size, num_workers=config.workers(env),
                          collate=collate_views, rank=rank, world=world,
-                         pin_memory=torch.device(config.device).type == "cuda")  # fmt: skip
+                         pin_memory=torch.device(config.device).type == "cuda", start=start)  # fmt: skip
+
+
+def _pass(
+    name: str, passes: list[ModelPass], dataset: Dataset, choice: StratifiedChoice, config: AnalysisConfig,
+    env: DistEnv, skips: SkipCounter, saved: SuiteCheckpoint, progress: str,
+) -> int:  # fmt: skip
+    """One lockstep pass over the chosen images, continued from the checkpoint and saved as it goes; returns
+    the images this process saw (those of the batches restored included)."""
+    where = saved.restore_pass(name, passes, config.device)
+    skips.skipped.extend(where.skipped)
+    start_seen = where.seen
+    loader = _loader(dataset, choice, config, env, start=where.next_batch)
+    total = loader.sampler.num_batches
+    seen = run_lockstep(passes, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips,
+                        progress=progress if env.is_main else None,
+                        after_batch=saved.after_batch(name, passes, where, skips, total))  # fmt: skip
+    if not where.done:
+        where.next_batch, where.seen, where.skipped, where.done = total, start_seen + seen, list(skips.skipped), True
+        saved.save_pass(name, passes, where, total)
+    return start_seen + seen
+
+
+def _identity(
+    models: list[_Model], data: str, config: AnalysisConfig, test: StratifiedChoice, train: StratifiedChoice
+) -> dict:
+    """What a resumed run must share with the checkpoint: settings, model weights and the chosen images."""
+    identity = run_identity({entry.label: entry.spec for entry in models}, data, asdict(config))
+    identity.update({f"weights.{entry.label}": weights_digest(entry.model) for entry in models})
+    identity["images"] = array_digest(test.indices, train.indices)
+    return identity
 
 
 def _merge(runs: list[ModelPass], env: DistEnv) -> None:
@@ -311,6 +344,7 @@ def analyze(
     *,
     roles: Mapping[str, str] | None = None,
     notify: Callable[[str], None] | None = None,
+    checkpoint: SuiteCheckpoint | None = None,
 ) -> AnalysisOutput | None:
     """Run every asked analysis on every model; return tidy results and arrays for figures.
 
@@ -329,10 +363,13 @@ def analyze(
         config: what to run on how many images (default :class:`AnalysisConfig`).
         roles: role -> label (``cl``, ``mim``, ``control``, ``hybrid``); only the control check uses it.
         notify: called with each note made before the pass.
+        checkpoint: where progress is saved as the run goes and restored from (``vitscope analyze --resume``;
+            one process only); None keeps nothing.
     """
     config = config or AnalysisConfig()
     wanted = config.wanted()
     env = current_env()
+    saved = checkpoint if checkpoint is not None and env.world == 1 else SuiteCheckpoint()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     entries = _load_models(models, config.device)
@@ -364,23 +401,23 @@ def analyze(
             notify(note)
     _attach_reducers(entries, wanted, config)
     notes += [_model_note(entry) for entry in entries if entry.run.capture.facts.kind != "vit"]
+    if saved.enabled:
+        saved.begin(_identity(entries, data, config, test_choice, train_choice))
 
     skips = SkipCounter()
     runs = [entry.run for entry in entries]
-    loader = _loader(test_set, test_choice, config, env)
-    progress = "analyse" if env.is_main else None
     pass_started = time.perf_counter()
-    seen = run_lockstep(
-        runs, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips, progress=progress
-    )
+    with saved.stage("test pass", defer_interrupts=True):
+        seen = _pass("test", runs, test_set, test_choice, config, env, skips, saved, "analyse")
     seen = all_sum(seen, env)
     if seen == 0:
         raise ValueError(f"data {data!r}: no readable images ({skips.report()})")
     _merge(runs, env)
     pass_time = time.perf_counter() - pass_started
-    train_banks = (
-        _probe_features(entries, train_set, train_choice, config, env, skips) if "linear_probe" in wanted else None
-    )
+    train_banks = None
+    if "linear_probe" in wanted:
+        with saved.stage("probe features", defer_interrupts=True):
+            train_banks = _probe_features(entries, train_set, train_choice, config, env, skips, saved)
     _merge_skips(skips, env)
     if not env.is_main:
         return None
@@ -396,9 +433,11 @@ def analyze(
             arrays[f"{entry.label}/localisation"] = entry.localisation.maps()
 
     if train_banks is not None:
-        _probe_and_noise(entries, train_banks, test_set, test_choice, wanted, config, results, plan.num_noise)
+        _probe_and_noise(entries, train_banks, test_set, test_choice, wanted, config, results, plan.num_noise, saved)
     if "tsne" in wanted:
-        arrays.update(_tsne(entries, test_set, test_choice, config))
+        with saved.stage("t-SNE"):
+            tsne = _once(saved, "tsne", lambda: _tsne(entries, test_set, test_choice, config), "t-SNE: done")
+        arrays.update({key: np.asarray(value) for key, value in tsne.items()})
     arrays.update(_example_image(entries, test_set, test_choice))
 
     results.meta = {
@@ -428,16 +467,28 @@ def analyze(
 
 def _probe_features(
     entries: list[_Model], train_set: Dataset, train_choice: StratifiedChoice, config: AnalysisConfig, env: DistEnv,
-    skips: SkipCounter,
+    skips: SkipCounter, saved: SuiteCheckpoint,
 ) -> list[FeatureBank]:  # fmt: skip
     """Every model's probe features of the train images: one more lockstep pass, merged on rank 0."""
     banks = [FeatureBank() for _ in entries]
     passes = [ModelPass(e.label, e.run.capture, [bank], e.run.view) for e, bank in zip(entries, banks)]
-    loader = _loader(train_set, train_choice, config, env)
-    progress = "probe features" if env.is_main else None
-    run_lockstep(passes, loader, device=config.device, dtype=config.autocast_dtype(), skips=skips, progress=progress)
+    train_skips = SkipCounter()
+    _pass("train", passes, train_set, train_choice, config, env, train_skips, saved, "probe features")
+    skips.skipped.extend(train_skips.skipped)
     _merge(passes, env)
     return banks
+
+
+def _once(saved: SuiteCheckpoint, name: str, compute: Callable[[], Any], note: str) -> Any:
+    """``compute()``, or what an earlier attempt saved as ``name``; saved once computed."""
+    payload = saved.load(name)
+    if payload is None:
+        payload = compute()
+        saved.save(name, payload, note)
+    else:
+        saved.restored.append(name)
+        saved.saved[name] = note
+    return payload
 
 
 def _probe_and_noise(
@@ -449,31 +500,45 @@ def _probe_and_noise(
     config: AnalysisConfig,
     results: Results,
     num_noise: int,
+    saved: SuiteCheckpoint,
 ) -> None:
     """Per-layer probes of every model (rank 0), and the last layer's probe under frequency-band noise
     (``num_noise`` test images)."""
     probe_config = ProbeConfig(epochs=config.probe_epochs, seed=config.seed, device=config.device)
     noise_choice = _noise_choice(test_set, test_choice, num_noise, config.seed)
     single = DistEnv(device=torch.device(config.device))  # the noise images are scored by rank 0 alone
-    for entry, train_bank in zip(entries, train_banks):
-        assert entry.test_bank is not None
-        rows, probes = linear_probe(train_bank, entry.test_bank, entry.label, config=probe_config, progress=None)
-        results.extend(rows)
+    for index, (entry, train_bank) in enumerate(zip(entries, train_banks)):
+        test_bank = entry.test_bank
+        assert test_bank is not None
+
+        def fit(bank: FeatureBank = train_bank, test: FeatureBank = test_bank, label: str = entry.label) -> dict:
+            rows, probes = linear_probe(bank, test, label, config=probe_config, progress=None)
+            return {"rows": rows, "probes": {kind: probe.to_plain() for kind, probe in probes.items()}}
+
+        with saved.stage(f"probes ({entry.label})"):
+            fitted = _once(saved, f"probes-{index}", fit, f"probes of {entry.label}: done")
+        results.extend(fitted["rows"])
         if "noise" not in wanted:
             continue
+        probes = {kind: LinearProbes.from_plain(probe, config.device) for kind, probe in fitted["probes"].items()}
         kind = "cls" if entry.run.capture.facts.has_class_token and "cls" in probes else "gap"
         classifier = probes[kind].classifier(entry.model)
-        batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config, single, shard=False))
-        outcome = noise_robustness(
-            classifier,
-            batches,
-            num_bands=config.noise_bands,
-            relative_norm=config.noise_relative_norm,
-            seed=config.seed,
-            device=config.device,
-            progress=f"noise {entry.label}",
-        )
-        results.extend(outcome.rows(entry.label))
+
+        def score(entry: _Model = entry, classifier: nn.Module = classifier) -> list:
+            batches = (views[entry.run.view] for views in _loader(test_set, noise_choice, config, single, shard=False))
+            outcome = noise_robustness(
+                classifier,
+                batches,
+                num_bands=config.noise_bands,
+                relative_norm=config.noise_relative_norm,
+                seed=config.seed,
+                device=config.device,
+                progress=f"noise {entry.label}",
+            )
+            return outcome.rows(entry.label)
+
+        with saved.stage(f"noise ({entry.label})"):
+            results.extend(_once(saved, f"noise-{index}", score, f"noise on {entry.label}: done"))
 
 
 def _noise_choice(test_set: Dataset, test_choice: StratifiedChoice, num_noise: int, seed: int) -> StratifiedChoice:

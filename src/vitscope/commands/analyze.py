@@ -1,10 +1,13 @@
-"""`vitscope analyze`: every analysis on every model, written to a results directory with a report."""
+"""`vitscope analyze`: every analysis on every model, written to a results directory with a report.
+
+``--out`` is checked and locked before any model loads; the run is written aside (``.DIR.partial/``, with
+checkpoints for ``--resume``) and committed whole (see :mod:`vitscope.rundir`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from typing import Any
 
 from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
 from vitscope.commands.common import (
@@ -16,13 +19,22 @@ from vitscope.commands.common import (
     non_negative_int,
     positive_int,
     require_device,
-    save_analysis,
     skipped_summary,
     verdict_and_report,
 )
-from vitscope.distributed import init_distributed
+from vitscope.commands.runs import (
+    add_run_arguments,
+    analyze_into,
+    commit_run,
+    finished_run_note,
+    identity_of,
+    open_run,
+    report_after_commit,
+)
+from vitscope.distributed import DistEnv, all_sum, init_distributed
 from vitscope.models import parse_spec
 from vitscope.results import RunDirectory
+from vitscope.rundir import RunWriter, new_run_id
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(repeatable; LABEL= may be left out)",
     )
     parser.add_argument("--data", required=True, help="data spec: fashion-mnist[:DIR], folder:DIR, ...")
-    parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="run directory: written aside and committed whole when the run is complete; a finished run is "
+        "replaced only with --overwrite",
+    )
     parser.add_argument(
         "--num-images", type=positive_int, default=512, help="test images for the metrics (default: %(default)s)"
     )
@@ -82,6 +99,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     roles.add_argument("--control", help="label of an untrained model of the same architecture")
     roles.add_argument("--hybrid", help="label of the CL+MIM hybrid")
     parser.add_argument("--no-report", action="store_true", help="write results only, no figures or HTML")
+    add_run_arguments(parser)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:
@@ -129,26 +147,60 @@ def run(args: argparse.Namespace) -> int:
         noise_relative_norm=args.noise_norm,
     )
     config.wanted()  # unknown analysis names fail before any model is loaded
-    out_dir = Path(args.out)
+    identity = identity_of(models, args.data, config)
+    writer, checkpoint = _open_out(args, identity, env)
     printed: list[str] = []
 
     def notify(note: str) -> None:
         printed.append(note)
         _print_note(note)
 
-    output = analyze(models, args.data, config, roles=roles, notify=notify)
-    if output is None:  # another process of a torchrun group: rank 0 writes the run directory
+    try:
+        if writer is not None and writer.finished:
+            print(finished_run_note(writer, identity))
+            return 0
+        if writer is None:  # another process of a torchrun group: rank 0 writes the run directory
+            analyze(models, args.data, config, roles=roles)
+            return 0
+        output = analyze_into(writer, checkpoint, models, args.data, config, roles=roles, notify=notify)
+        assert output is not None  # rank 0
+        output.results.meta["roles"] = roles
+        if checkpoint is not None and checkpoint.restored:
+            output.results.meta["resumed"] = checkpoint.restored
+        run_id = checkpoint.run_id if checkpoint is not None and checkpoint.run_id else new_run_id()
+        commit_run(writer, output, run_id)
+        meta = output.results.meta
+        print(
+            f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
+            f"in {meta['wall_time_s']:.1f} s; {skipped_summary(meta['skipped'])}"
+        )
+        for note in meta["notes"]:
+            if note not in printed:
+                _print_note(note)
+        print(f"results: {writer.path / RunDirectory.METRICS_CSV} (run {run_id})")
+        report_after_commit(writer.path, lambda: verdict_and_report(writer.path, roles, render=not args.no_report))
         return 0
-    output.results.meta["roles"] = roles
-    save_analysis(output, out_dir)
-    meta = output.results.meta
-    print(
-        f"analysed {len(models)} model(s) on {meta['num_images']} images of {args.data} "
-        f"in {meta['wall_time_s']:.1f} s; {skipped_summary(meta['skipped'])}"
-    )
-    for note in meta["notes"]:
-        if note not in printed:
-            _print_note(note)
-    print(f"results: {out_dir / RunDirectory.METRICS_CSV}")
-    verdict_and_report(out_dir, roles, render=not args.no_report)
-    return 0
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _open_out(args: argparse.Namespace, identity: dict, env: DistEnv) -> tuple[RunWriter | None, Any]:
+    """Rank 0 checks and takes ``--out`` before any work; under torchrun the others learn whether it could
+    (and stop quietly when not: rank 0 says why). Checkpoints are kept by one-process runs only."""
+    writer = checkpoint = None
+    failed = 0
+    if env.is_main:
+        try:
+            writer, checkpoint = open_run(args, identity)
+        except BaseException:
+            failed = 1
+            all_sum(failed, env)
+            raise
+    if all_sum(failed, env):
+        raise SystemExit(2)
+    if env.world > 1:
+        if env.is_main and args.resume:
+            print("note: under torchrun the analysis keeps no checkpoints; --resume starts it again", file=sys.stderr)
+        checkpoint = None
+    return writer, checkpoint

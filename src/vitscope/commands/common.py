@@ -8,7 +8,6 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from vitscope.results import Results, RunDirectory
 
@@ -141,16 +140,6 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def save_analysis(output: Any, out_dir: Path) -> RunDirectory:
-    """Write an :class:`~vitscope.analyses.AnalysisOutput` (rows, metadata, arrays) to ``out_dir`` and list
-    the files it skipped."""
-    run_dir = RunDirectory(out_dir)
-    run_dir.save_results(output.results)
-    run_dir.save_arrays(output.arrays)
-    print_skipped(output.results.meta["skipped"])
-    return run_dir
 
 
 def open_results(directory: str) -> tuple[RunDirectory, Results]:

@@ -4,7 +4,7 @@ Analyses ``bundled:moco``, ``bundled:simmim``, ``bundled:mae``, ``bundled:hybrid
 architecture, untrained) on Fashion-MNIST test images, writes ``runs/demo/`` (metrics, figures,
 report.html), prints the per-layer linear probes and the claims verdict (CL = moco, MIM = simmim; saved in
 ``claims.json`` and shown in the report), then the same findings judged with MAE as the MIM model, since
-the papers' MIM covers both.
+the papers' MIM covers both. A rerun replaces the earlier demo run whole (``--resume`` continues a stopped one).
 """
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitscope.analyses import AnalysisConfig, analyze
+from vitscope.analyses import AnalysisConfig
+from vitscope.analyses.checkpoint import DEFAULT_EVERY, SuiteCheckpoint
 from vitscope.commands.common import (
     CommandError,
     device_name,
     non_negative_int,
     positive_int,
     require_device,
-    save_analysis,
     verdict_and_report,
 )
+from vitscope.commands.runs import analyze_into, commit_run, report_after_commit
 from vitscope.distributed import init_distributed
 from vitscope.models import cards
 from vitscope.results import Results
+from vitscope.rundir import RunWriter, new_run_id
 
 BUNDLED_NAMES = ("moco", "simmim", "mae", "hybrid")
 ROLES = {"cl": "moco", "mim": "simmim", "control": "random", "hybrid": "hybrid"}
@@ -43,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=125)
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a stopped demo run in --out instead of starting again"
+    )
 
 
 def demo_models() -> dict[str, str]:
@@ -84,22 +89,33 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out_dir = Path(args.out)
-    output = analyze(
-        models, args.data, config, roles=ROLES, notify=lambda note: print(f"note: {note}", file=sys.stderr)
-    )
-    assert output is not None  # one process
-    output.results.meta["roles"] = ROLES
-    save_analysis(output, out_dir)
-    print(probe_table(output.results, list(models)))
+    with RunWriter(out_dir, overwrite=not args.resume, resume=args.resume) as writer:  # a rerun replaces it whole
+        if writer.finished:
+            print(f"{out_dir} already holds a finished demo run; nothing to resume (run without --resume to redo it)")
+            return 0
+        checkpoint = SuiteCheckpoint(writer.checkpoint_dir, DEFAULT_EVERY, run_id=new_run_id())
+        output = analyze_into(writer, checkpoint, models, args.data, config, roles=ROLES, notify=_print_note)
+        assert output is not None  # one process
+        output.results.meta["roles"] = ROLES
+        commit_run(writer, output, checkpoint.run_id or new_run_id())
+        _print_and_report(output.results, list(models), out_dir)
+    return 0
+
+
+def _print_note(note: str) -> None:
+    print(f"note: {note}", file=sys.stderr)
+
+
+def _print_and_report(results: Results, labels: list[str], out_dir: Path) -> None:
+    print(probe_table(results, labels))
     print(
-        f"analysed {len(models)} models on {output.results.meta['num_images']} Fashion-MNIST test images "
-        f"in {output.results.meta['wall_time_s']:.0f} s"
+        f"analysed {len(labels)} models on {results.meta['num_images']} Fashion-MNIST test images "
+        f"in {results.meta['wall_time_s']:.0f} s"
     )
-    verdict_and_report(out_dir, dict(ROLES), render=True)
+    report_after_commit(out_dir, lambda: verdict_and_report(out_dir, dict(ROLES), render=True))
     from vitscope.report import evaluate_claims, format_claims_table
 
-    second = evaluate_claims(output.results, ROLES["cl"], SECOND_MIM, control=ROLES["control"], hybrid=ROLES["hybrid"])
+    second = evaluate_claims(results, ROLES["cl"], SECOND_MIM, control=ROLES["control"], hybrid=ROLES["hybrid"])
     print(f"\nthe same findings with {SECOND_MIM} as the MIM model (vitscope claims {out_dir} --cl {ROLES['cl']} "
           f"--mim {SECOND_MIM} --control {ROLES['control']} --hybrid {ROLES['hybrid']} saves them):")  # fmt: skip
     print(format_claims_table(second))
-    return 0

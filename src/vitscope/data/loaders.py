@@ -19,8 +19,9 @@ class ShardBatches(Sampler[list[int]]):
     """Run-wide batch k (positions k·b .. k·b + b − 1) goes to rank k mod world: no image twice, none
     lost when the count does not divide, and every batch the same as in a single process."""
 
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
         self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
+        self.start = start  # run-wide batches before this one are not served (a resumed pass)
 
     @property
     def num_batches(self) -> int:
@@ -29,7 +30,8 @@ class ShardBatches(Sampler[list[int]]):
     @property
     def numbers(self) -> range:
         """The run-wide numbers of this rank's batches, in the order it reads them."""
-        return range(self.rank, self.num_batches, self.world)
+        first = self.rank + max(0, -(-(self.start - self.rank) // self.world)) * self.world
+        return range(first, self.num_batches, self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
         for k in self.numbers:
@@ -67,12 +69,14 @@ def choice_loader(
     rank: int = 0,
     world: int = 1,
     pin_memory: bool = False,
+    start: int = 0,
 ) -> ChoiceLoader:
     """A loader over the chosen images (unreadable ones replaced by candidates of their class), in data
-    order, sharded batch by batch over ``world`` processes (this one is ``rank``)."""
+    order, sharded batch by batch over ``world`` processes (this one is ``rank``), from run-wide batch
+    ``start`` on (the batches before it were already seen)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    sampler = ShardBatches(len(choice), batch_size, rank, world)
+    sampler = ShardBatches(len(choice), batch_size, rank, world, start)
     loader = DataLoader(
         ReplacingSubset(dataset, choice),
         batch_sampler=sampler,

@@ -17,6 +17,7 @@ Conventions (stated in every verdict's evidence):
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -597,12 +598,30 @@ class ClaimsRecord:
 def save_claims(
     out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles, tolerance: Tolerance = Tolerance()
 ) -> Path:
-    """Write the results directory's ``claims.json``: the roles, the tolerances and every verdict."""
-    return RunDirectory(out_dir).save_claims(ClaimsRecord(roles, verdicts, tolerance).to_dict())
+    """Write the results directory's ``claims.json`` (the roles, the tolerances, every verdict and the run id),
+    changing the committed run whole (:func:`vitscope.rundir.update_run`)."""
+    from vitscope.rundir import update_run
+
+    with update_run(out_dir) as run_dir:
+        run_dir.save_claims(ClaimsRecord(roles, verdicts, tolerance).to_dict())
+    return Path(out_dir) / RunDirectory.CLAIMS
 
 
 def load_claims(out_dir: str | Path) -> ClaimsRecord | None:
-    """The results directory's ``claims.json`` if present; a malformed file is a ValueError naming it."""
+    """The results directory's ``claims.json`` if present; a malformed file is a ValueError naming it.
+
+    A record evaluated on another run (its ``run_id`` is not the directory's) is never shown as it is: its
+    roles and tolerances are evaluated again on this run's results, with a note on stderr."""
     run_dir = RunDirectory(out_dir)
     data = run_dir.load_claims()
-    return None if data is None else ClaimsRecord.from_dict(data, str(run_dir.path / run_dir.CLAIMS))
+    if data is None:
+        return None
+    source = str(run_dir.path / run_dir.CLAIMS)
+    record = ClaimsRecord.from_dict(data, source)
+    if run_dir.claims_are_current(data):
+        return record
+    print(f"note: {source} was evaluated on run {data.get('run_id') or 'unknown'}, not on this run "
+          f"({run_dir.run_id}); its claims are evaluated again on this run", file=sys.stderr)  # fmt: skip
+    results = run_dir.load_results()
+    fresh = evaluate_claims(results, **vars(record.roles), tolerance=record.tolerance)
+    return ClaimsRecord(record.roles, fresh, record.tolerance)

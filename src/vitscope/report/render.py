@@ -15,6 +15,7 @@ from vitscope.report.figures import build_figures, save_figure
 from vitscope.report.html import render_html
 from vitscope.report.series import ResultView
 from vitscope.results import Results, RunDirectory
+from vitscope.rundir import update_run
 
 __all__ = ["render_report", "write_verdict", "roles_from_meta"]
 
@@ -56,18 +57,20 @@ def render_report(
     out_dir: str | Path, verdicts: list[ClaimVerdict] | None = None, roles: Roles | None = None, svg: bool = True
 ) -> Path:
     """Draw every figure into ``DIR/figures/`` (PNG, and SVG unless ``svg`` is False) and write
-    ``DIR/report.html`` with the PNGs embedded; return its path.
+    ``DIR/report.html`` with the PNGs embedded; return its path. The run directory is changed whole or not
+    at all (:func:`vitscope.rundir.update_run`).
 
     The claims table comes from ``verdicts`` (with their ``roles``), else from ``DIR/claims.json``, else
     from ``meta['roles']`` (``{"cl": ..., "mim": ..., "control": ..., "hybrid": ...}``) when present.
     """
-    run_dir = RunDirectory(out_dir).check()
-    results = run_dir.load_results()
-    view = ResultView(results)
-    arrays = run_dir.load_arrays()
-    claims = _claims_for(run_dir.path, results, verdicts, roles)
-    saved = []
-    for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False):
-        figure = save_figure(named, run_dir, svg=svg)
-        saved.append((figure, figure.png.read_bytes()))
-    return run_dir.save_report(render_html(view, saved, claims))
+    with update_run(out_dir) as run_dir:  # the committed run changes whole or not at all
+        results = run_dir.load_results()
+        view = ResultView(results)
+        arrays = run_dir.load_arrays()
+        claims = _claims_for(run_dir.path, results, verdicts, roles)
+        saved = []
+        for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False):
+            figure = save_figure(named, run_dir, svg=svg)
+            saved.append((figure, figure.png.read_bytes()))
+        run_dir.save_report(render_html(view, saved, claims))
+    return RunDirectory(out_dir).report_path
