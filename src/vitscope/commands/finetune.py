@@ -8,8 +8,21 @@ Data parallel with ``torchrun --nproc_per_node=K -m vitscope finetune ...``.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from vitscope.commands.common import json_object, positive_int, set_threads
+from vitscope.commands.common import (
+    device_name,
+    finite_float,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    set_threads,
+)
+from vitscope.commands.pretrain import AREA_FRACTION, check_training_device
+
+BELOW_ONE = finite_float(0.0, 1.0, high_open=True)  # [0, 1)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,22 +43,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: %(default)s)")
     parser.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: --blr × global batch / 256)"
+        "--lr", type=positive_float, default=None, help="peak learning rate (default: --blr × global batch / 256)"
     )
-    parser.add_argument("--blr", type=float, default=1e-3)
-    parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--clip-grad", type=float, default=3.0, help="0 disables")
-    parser.add_argument("--drop-path", type=float, default=0.1)
-    parser.add_argument("--crop-min-scale", type=float, default=0.35)
+    parser.add_argument("--blr", type=positive_float, default=1e-3)
+    parser.add_argument(
+        "--layer-decay", type=AREA_FRACTION, default=0.75, help="layer-wise lr decay (default: %(default)s)"
+    )
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    parser.add_argument("--label-smoothing", type=BELOW_ONE, default=0.1)
+    parser.add_argument("--warmup-epochs", type=non_negative_float, default=1.0)
+    parser.add_argument("--min-lr", type=non_negative_float, default=1e-6)
+    parser.add_argument("--clip-grad", type=non_negative_float, default=3.0, help="0 disables")
+    parser.add_argument("--drop-path", type=BELOW_ONE, default=0.1)
+    parser.add_argument("--crop-min-scale", type=AREA_FRACTION, default=0.35)
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-every", type=positive_int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -56,6 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitscope.pretrain import FinetuneConfig, finetune
 
+    check_training_device(args.device)
     config = FinetuneConfig(
         model=args.model,
         model_kwargs=args.model_kwargs,
@@ -84,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     set_threads(args.threads)
-    result = finetune(config)
+    try:
+        result = finetune(config)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, the checkpoint kept named
+        print(f"vitscope finetune: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
     if result.env.is_main:
         scores = ", ".join(f"{acc:.4f}" for acc in result.top1)
         print(f"finetune: top-1 per epoch [{scores}]; model at {result.out / 'model.safetensors'}")

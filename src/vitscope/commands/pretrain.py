@@ -7,8 +7,24 @@ pretrain ...`` (NCCL on GPUs, gloo on CPU; ``--batch-size`` is per process).
 from __future__ import annotations
 
 import argparse
+import sys
 
-from vitscope.commands.common import json_object, non_negative_int, positive_int, set_threads
+from vitscope.commands.common import (
+    CommandError,
+    device_name,
+    finite_float,
+    fraction,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    require_device,
+    set_threads,
+)
+
+OPEN_FRACTION = finite_float(0.0, 1.0, low_open=True, high_open=True)  # a share strictly between 0 and 1
+AREA_FRACTION = finite_float(0.0, 1.0, low_open=True)  # a crop's area share: (0, 1]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--mim", default="simmim", choices=["simmim", "mae"], help="MIM half of the hybrid (default: %(default)s)"
     )
     g.add_argument(
-        "--cl-weight", type=float, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)"
+        "--cl-weight", type=fraction, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)"
     )
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (optionally timm:NAME)")
     g.add_argument(
@@ -32,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-images", type=positive_int, default=None, help="train on a stratified subset of this many images"
     )
-    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--epochs", type=positive_float, default=None)
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="per process (default: %(default)s)")
     g.add_argument(
@@ -46,8 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument(
+        "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
     g.add_argument(
         "--precision",
         default="auto",
@@ -63,19 +81,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Bit-identical resumption on CPU needs the same thread count",
     )
     o = parser.add_argument_group("optimizer")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: --blr × global batch / 256)")
-    o.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate per 256 images (default: %(default)s)")
-    o.add_argument("--min-lr", type=float, default=0.0)
-    o.add_argument("--weight-decay", type=float, default=None, help="default: 0.1 for moco, 0.05 otherwise")
+    o.add_argument(
+        "--lr", type=positive_float, default=None, help="peak learning rate (default: --blr × global batch / 256)"
+    )
+    o.add_argument(
+        "--blr", type=positive_float, default=1.5e-4, help="base learning rate per 256 images (default: %(default)s)"
+    )
+    o.add_argument("--min-lr", type=non_negative_float, default=0.0)
+    o.add_argument(
+        "--weight-decay", type=non_negative_float, default=None, help="default: 0.1 for moco, 0.05 otherwise"
+    )
     o.add_argument("--warmup-steps", type=non_negative_int, default=None, help="default: 10%% of the steps")
-    o.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm; 0 disables (default: %(default)s)")
+    o.add_argument(
+        "--clip-grad", type=non_negative_float, default=3.0, help="max gradient norm; 0 disables (default: %(default)s)"
+    )
     m = parser.add_argument_group("objective")
     m.add_argument("--moco-dim", type=positive_int, default=256)
     m.add_argument("--moco-mlp-dim", type=positive_int, default=1024)
-    m.add_argument("--moco-t", type=float, default=0.2, help="temperature τ (default: %(default)s)")
-    m.add_argument("--moco-m", type=float, default=0.99, help="initial momentum, rising to 1 by cosine")
+    m.add_argument("--moco-t", type=positive_float, default=0.2, help="temperature τ (default: %(default)s)")
+    m.add_argument("--moco-m", type=fraction, default=0.99, help="initial momentum, rising to 1 by cosine")
     m.add_argument("--freeze-patch-embed", action="store_true", help="MoCo v3's frozen random patch projection")
-    m.add_argument("--mask-ratio", type=float, default=None, help="default: 0.6 SimMIM, 0.75 MAE")
+    m.add_argument("--mask-ratio", type=OPEN_FRACTION, default=None, help="in (0, 1); default: 0.6 SimMIM, 0.75 MAE")
     m.add_argument(
         "--mask-patch-size",
         type=positive_int,
@@ -88,7 +114,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--decoder-dim", type=positive_int, default=128)
     m.add_argument("--decoder-depth", type=positive_int, default=2)
     m.add_argument("--decoder-heads", type=positive_int, default=4)
-    m.add_argument("--crop-min-scale", type=float, default=None, help="random resized crop's lower area bound")
+    m.add_argument(
+        "--crop-min-scale", type=AREA_FRACTION, default=None, help="random resized crop's lower area bound, in (0, 1]"
+    )
 
 
 def build_config(args: argparse.Namespace):
@@ -138,12 +166,24 @@ def build_config(args: argparse.Namespace):
     )
 
 
+def check_training_device(name: str) -> None:
+    """Training runs on cpu or cuda, and only on a device this machine has (checked before any work)."""
+    if name.startswith("mps"):
+        raise CommandError(f"--device {name}: training runs on cpu or cuda")
+    require_device(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from vitscope.pretrain import pretrain
 
+    check_training_device(args.device)
     config = build_config(args)
     set_threads(args.threads)
-    result = pretrain(config)
+    try:
+        result = pretrain(config)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, the checkpoint kept named
+        print(f"vitscope pretrain: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
     if result.env.is_main:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a (already complete)"
         print(

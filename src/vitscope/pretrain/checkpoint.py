@@ -2,7 +2,11 @@
 the step log, and the RNG states that make a resumed run end bit-identical (on CPU).
 
 Every file is written atomically; ``train_state.pt`` holds plain tensors and Python values only, so it
-loads with ``torch.load(weights_only=True)``.
+loads with ``torch.load(weights_only=True)``. A train state is read in two stages: :func:`read_train_state`
+(before any work: the file is a train state of the right kind, whole, finite and written with the same
+settings) and :func:`restore_train_state` (into the built model, optimizer and RNGs, every shape
+checked); anything wrong is a :class:`~vitscope.models.safe_load.CheckpointError` naming the file and
+what was expected.
 """
 
 from __future__ import annotations
@@ -21,34 +25,76 @@ from torch import nn
 
 from vitscope.io import atomic_path, write_text_atomic
 from vitscope.models.cards import write_card
+from vitscope.models.safe_load import CheckpointError, read_checkpoint
 from vitscope.pretrain.batches import BatchPlan
+from vitscope.pretrain.finite import describe_tensors, nonfinite_names
 
 __all__ = [
     "STATE_FILE",
     "LOG_FILE",
+    "RUN_FILES",
     "check_run_dir",
     "capture_rng_state",
     "restore_rng_state",
     "save_weights",
     "export_model",
+    "card_step",
     "save_train_state",
-    "load_train_state",
+    "read_train_state",
+    "restore_train_state",
     "truncate_log",
     "iter_log",
 ]
 
 STATE_FILE, LOG_FILE = "train_state.pt", "log.jsonl"
+# what pretraining and fine-tuning runs write; a directory holding any of them is an earlier run
+RUN_FILES = (
+    STATE_FILE,
+    "encoder.safetensors",
+    "encoder.json",
+    "model.safetensors",
+    "model.json",
+    LOG_FILE,
+    "metrics.json",
+    "snapshots",
+)
 
 
 def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path]:
-    """The run directory and its state file; refuses to resume nothing or to overwrite a run."""
+    """The run directory and its state file.
+
+    A fresh run refuses a directory that holds any :data:`RUN_FILES` (it would overwrite a trained
+    model or mix two runs' logs); ``resume`` needs the state file and removes the temporary files a
+    killed run left behind.
+    """
     out = Path(out_dir)
     state_path = out / STATE_FILE
-    if resume and not state_path.exists():
-        raise FileNotFoundError(f"resume: no {state_path} to resume from")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a run directory (new, or with {STATE_FILE} to resume)")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if resume and not state_path.is_file():
+        held = f" (it holds {', '.join(found)})" if found else ""
+        raise FileNotFoundError(f"cannot resume: no {state_path} to resume from{held}")
     if not resume and state_path.exists():
-        raise ValueError(f"{out} already holds a run ({STATE_FILE}); resume it or choose another output directory")
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(found)}): continue it with --resume or choose a new --out"
+        )
+    if not resume and found:
+        raise ValueError(
+            f"{out} already holds files of an earlier run ({', '.join(found)}) but no {STATE_FILE} to resume "
+            "from; a new run would overwrite them: choose a new --out (or remove those files)"
+        )
+    if resume:
+        _remove_stale_temporaries(out)
     return out, state_path
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed run left (``.NAME.XXXX.tmp``)."""
+    for folder in (out, *sorted((out / "snapshots").glob("step-*"))):
+        for name in RUN_FILES:
+            for tmp in folder.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -100,6 +146,19 @@ def export_model(out: Path, weights_name: str, card_name: str, module: nn.Module
     write_card(out / card_name, card)
 
 
+def card_step(out: Path, weights_name: str, card_name: str) -> int | None:
+    """The step of the exported weights in ``out`` (from their card); None when either file is missing
+    or the card is unreadable."""
+    card = out / card_name
+    if not (out / weights_name).is_file() or not card.is_file():
+        return None
+    try:
+        step = json.loads(card.read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 # ---------------------------------------------------------------------------------- train state
 def save_train_state(
     out: Path,
@@ -131,31 +190,89 @@ def save_train_state(
         torch.save(state, tmp)
 
 
-def load_train_state(
+_STATE_KEYS = ("format", "step", "model", "optimizer", "rng", "config")
+
+
+def read_train_state(
     path: Path,
+    format: str,
     config: dict,
     resumable: Iterable[str],
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
+    extra_keys: Iterable[str] = (),
 ) -> dict:
-    """Restore a run from ``path`` into ``model``, ``optimizer``, ``scaler`` and the global RNGs.
+    """Read and check a ``train_state.pt`` before any work: a train state of ``format`` with every entry
+    (the common ones and ``extra_keys``), a finite model, written with the same settings as ``config``
+    except ``resumable`` ones (a field the file predates counts as unchanged when it holds None).
 
-    Settings other than ``resumable`` must equal the saved ones (a field the file predates counts as
-    unchanged when it holds None); returns the whole state (``step`` and whatever else was saved).
+    Raises:
+        CheckpointError: (a ``ValueError``) naming the file and what was expected.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = f"a vitscope train state ({format})"
+    state = read_checkpoint(path, expected=expected)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected {expected}, but it holds a {type(state).__name__}")
+    missing = [key for key in (*_STATE_KEYS, *extra_keys) if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: expected {expected}, but it lacks {', '.join(missing)}")
+    if state["format"] != format:
+        raise CheckpointError(f"{path}: expected {expected}, but its format is {state['format']!r}")
+    _check_entries(path, state, expected)
     saved, allowed = state["config"], set(resumable)
     changed = sorted(k for k in config if k not in allowed and saved.get(k) != config[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} → {config[k]!r}" for k in changed)
         raise ValueError(f"{path}: cannot resume with different settings ({details})")
+    return state
+
+
+def _check_entries(path: Path, state: dict, expected: str) -> None:
+    """The types of a train state's entries, and its model finite."""
+    kinds = {"step": int, "model": Mapping, "optimizer": Mapping, "rng": Mapping, "config": Mapping}
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(
+                f"{path}: expected {expected}, but its {key!r} entry is a {type(state[key]).__name__}"
+            )
+    if state["step"] < 0:
+        raise CheckpointError(f"{path}: expected {expected}, but its step is {state['step']}")
+    bad_model = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
+    if bad_model:
+        raise CheckpointError(f"{path}: expected {expected}, but its model entry {bad_model[0]!r} is not a tensor")
+    nonfinite = nonfinite_names(state["model"].items())
+    if nonfinite:
+        raise CheckpointError(
+            f"{path} holds non-finite weights ({describe_tensors(nonfinite)}): it was written by a run that "
+            "diverged; resume from an earlier copy or start a new run"
+        )
+
+
+def restore_train_state(path: Path, state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any):
+    """Load ``state`` (from :func:`read_train_state`) into ``model``, ``optimizer``, ``scaler`` and the
+    global RNGs; every tensor's name and shape must match this run's.
+
+    Raises:
+        CheckpointError: naming ``path`` and the first entry that does not fit.
+    """
+    _check_shapes(path, "model", state["model"], model.state_dict())
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(dict(state["optimizer"]))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({err})") from None
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                raise CheckpointError(
+                    f"{path}: optimizer {key} of {names.get(id(param), 'a parameter')} has shape "
+                    f"{list(value.shape)}, this run's parameter {list(param.shape)}"
+                )
+    try:
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: its scaler or RNG state is not valid ({type(err).__name__}: {err})") from None
     threads = state.get("num_threads")
     if threads is not None and threads != torch.get_num_threads():
         warnings.warn(
@@ -163,7 +280,22 @@ def load_train_state(
             "the result will not be bit-identical to an uninterrupted run on CPU",
             stacklevel=2,
         )
-    return state
+
+
+def _check_shapes(path: Path, what: str, saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        parts = ([f"lacks {', '.join(missing[:3])}"] if missing else []) + (
+            [f"has extra {', '.join(unexpected[:3])}"] if unexpected else []
+        )
+        detail = "; ".join(parts)
+        raise CheckpointError(f"{path}: its {what} does not match this run's ({detail})")
+    for key, tensor in own.items():
+        if saved[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: its {what} tensor {key} has shape {list(saved[key].shape)}, this run's {list(tensor.shape)}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ log

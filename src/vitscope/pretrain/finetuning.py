@@ -31,12 +31,15 @@ from vitscope.pretrain import augment
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
 from vitscope.pretrain.checkpoint import (
     LOG_FILE,
+    card_step,
     check_run_dir,
     export_model,
-    load_train_state,
+    read_train_state,
+    restore_train_state,
     save_train_state,
     truncate_log,
 )
+from vitscope.pretrain.finite import check_number, check_training_device, nonfinite_state
 from vitscope.pretrain.loop import Checkpointing, run_loop
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, layer_decay_groups, warmup_cosine_lr
 
@@ -49,6 +52,7 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "load_encoder", "finetune", "eval
 
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device"}
 MODEL_FILE, MODEL_CARD = "model.safetensors", "model.json"
+STATE_FORMAT = "vitscope-finetune-state-v1"
 
 
 @dataclass
@@ -84,6 +88,17 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"FinetuneConfig.{name} must be positive, got {value}")
+        for name in ("lr", "blr"):
+            check_number("FinetuneConfig", name, getattr(self, name), 0.0, low_open=True)
+        for name in ("weight_decay", "warmup_epochs", "min_lr", "clip_grad"):
+            check_number("FinetuneConfig", name, getattr(self, name), 0.0)
+        check_number("FinetuneConfig", "layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        check_number("FinetuneConfig", "label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_number("FinetuneConfig", "drop_path", self.drop_path, 0.0, 1.0, high_open=True)
+        check_number("FinetuneConfig", "crop_min_scale", self.crop_min_scale, 0.0, 1.0, low_open=True)
+        if self.seed < 0:
+            raise ValueError(f"FinetuneConfig.seed must be ≥ 0, got {self.seed}")
+        check_training_device("FinetuneConfig.device", self.device)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,8 +204,8 @@ class FinetuneStep:
         if not torch.isfinite(torch.tensor(reported)):  # stop before a non-finite step touches the weights
             return {"loss": reported}
         self.optimizer.zero_grad(set_to_none=True)
-        backward_and_step(loss, self.model, self.optimizer, self.scaler, cfg.clip_grad)
-        return {"lr": lr, "loss": reported}
+        grad_norm = backward_and_step(loss, self.model, self.optimizer, self.scaler, cfg.clip_grad)
+        return {"lr": lr, "loss": reported, "grad_norm": grad_norm}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -198,6 +213,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` (train split), reporting test top-1 after each epoch."""
     env = init_distributed(cfg.device)
     out, state_path = check_run_dir(cfg.out, cfg.resume)
+    saved = (
+        read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES, extra_keys=("top1",))
+        if cfg.resume
+        else None
+    )
 
     torch.manual_seed(cfg.seed)
     model, meta = load_encoder(cfg.model, **cfg.model_kwargs)
@@ -231,13 +251,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     torch.manual_seed(step_seed(cfg.seed, 0, env.rank, stream=1))
 
     start, top1 = 0, []
-    if cfg.resume:
-        state = load_train_state(
-            state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=model, optimizer=optimizer, scaler=scaler
-        )
-        start, top1 = int(state["step"]), list(state["top1"])
+    if saved is not None:
+        restore_train_state(state_path, saved, model=model, optimizer=optimizer, scaler=scaler)
+        start, top1 = int(saved["step"]), list(saved["top1"])
         if env.is_main:
             truncate_log(out / LOG_FILE, start)
+        del saved
 
     net: nn.Module = model
     if env.world > 1:
@@ -268,13 +287,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         epoch = done // plan.steps_per_epoch
         return {"epoch": epoch, "top1": acc}, f"epoch {epoch}/{cfg.epochs}: test top-1 {acc:.4f}"
 
-    def write(done: int) -> None:
-        export_model(
-            out, MODEL_FILE, MODEL_CARD, model, {**meta, "step": done, "top1": top1, "finetuned_from": cfg.model}
-        )
+    def export(done: int) -> None:
+        card = {**meta, "step": done, "top1": top1, "finetuned_from": cfg.model}
+        export_model(out, MODEL_FILE, MODEL_CARD, model, card)
+
+    def write(done: int) -> None:  # the state first: a run killed between the two resumes to both
         save_train_state(
             out,
-            format="vitscope-finetune-state-v1",
+            format=STATE_FORMAT,
             step=done,
             model=model,
             optimizer=optimizer,
@@ -283,16 +303,21 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             config=cfg.to_dict(),
             top1=top1,
         )
+        export(done)
         if done == total:
             write_json_atomic(out / "metrics.json", {"top1_per_epoch": top1, "model": cfg.model, "data": cfg.data})
 
+    if start and env.is_main and card_step(out, MODEL_FILE, MODEL_CARD) != start:  # killed between the writes
+        export(start)
     run_loop(
         step_fn,
         start=start,
         total=total,
         env=env,
         out=out,
-        checkpointing=Checkpointing(cfg.save_every, write, state_path=state_path),
+        checkpointing=Checkpointing(
+            cfg.save_every, write, state_path=state_path, nonfinite=lambda: nonfinite_state(model, optimizer)
+        ),
         images_per_step=plan.global_batch,
         progress=cfg.progress,
         after_step=after_step,

@@ -1,47 +1,93 @@
 """The one training loop, apart from the set-up: steps, log, progress, checkpoints, divergence.
 
 Pretraining and fine-tuning are each a step function (``step -> named floats``) plus their own
-checkpoint writer; :func:`run_loop` drives either: it times every step, stops on a non-finite loss
-with the last good checkpoint named, appends one ``log.jsonl`` line per step (rank 0), shows one
-progress bar (rank 0), runs a hook after each step (fine-tuning's per-epoch evaluation) and writes
-checkpoints every ``save_every`` steps and at the end (rank 0; the other ranks wait at a barrier).
+checkpoint writer; :func:`run_loop` drives either: it times every step, appends one ``log.jsonl``
+line per step (rank 0), shows one progress bar (rank 0), runs a hook after each step (fine-tuning's
+per-epoch evaluation) and writes checkpoints every ``save_every`` steps and at the end (rank 0; the
+other ranks wait at a barrier).
+
+Nothing poisoned is kept: the run stops (:class:`TrainingDiverged`, naming the step, what went
+non-finite and the last good checkpoint, which stays untouched) when a step's loss or gradient norm
+is not finite (that step is not applied) or when, before a checkpoint, a parameter, buffer or
+optimizer state holds a NaN or an infinity. Ctrl-C during a checkpoint write lets the write finish;
+Ctrl-C anywhere ends the loop with :class:`TrainingInterrupted` naming the checkpoint kept.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from vitscope.distributed import DistEnv
+from vitscope.distributed import DistEnv, all_sum
+from vitscope.pretrain.finite import NonFiniteGradient, describe_tensors
 
-__all__ = ["TrainingDiverged", "Checkpointing", "StepHook", "run_loop"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "Checkpointing", "StepHook", "run_loop"]
 
 StepFn = Callable[[int], dict[str, float]]
 StepHook = Callable[[int], "tuple[dict[str, Any], str] | None"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+    """The loss, the gradient norm or the trained state became NaN or infinite; the run stopped and
+    the last good checkpoint was kept untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; the message names the checkpoint kept."""
 
 
 @dataclass
 class Checkpointing:
     """When and how a run saves: ``write(step)`` every ``every`` steps and at the end (rank 0), and
-    ``keep(step)`` every ``keep_every`` steps (snapshots along the way), also rank 0 only."""
+    ``keep(step)`` every ``keep_every`` steps (snapshots along the way), also rank 0 only.
+
+    ``nonfinite()`` lists the non-finite tensors of the state about to be saved (every rank calls it
+    before any save); a non-empty list stops the run instead of saving.
+    """
 
     every: int
     write: Callable[[int], None]
     keep_every: int | None = None
     keep: Callable[[int], None] | None = None
     state_path: Path | None = None  # named in the divergence message
+    nonfinite: Callable[[], list[str]] | None = None
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold SIGINT while the block runs (a checkpoint write finishes whole), then raise it.
+
+    Only the main thread can install signal handlers, and only Python's own SIGINT handler (the one
+    that raises KeyboardInterrupt) is replaced; otherwise the block runs unguarded.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _kept(checkpointing: Checkpointing, out: Path, last_saved: int) -> str:
+    if last_saved == 0:
+        return "none written yet"
+    return f"{checkpointing.state_path or out}, step {last_saved}"
 
 
 def _progress(start: int, total: int, enabled: bool, desc: str):
@@ -81,6 +127,7 @@ def run_loop(
 
     losses: list[float] = []
     last_saved = start
+    step = start
     with ExitStack() as stack:
         log = None
         if env.is_main:
@@ -89,40 +136,70 @@ def run_loop(
         bar = _progress(start, total, env.is_main and progress, desc)
         if bar is not None:
             stack.callback(bar.close)
-        for step in range(start, total):
-            tick = time.perf_counter()
-            record = step_fn(step)
-            loss = float(record["loss"])
-            if not math.isfinite(loss):
-                kept = f"{checkpointing.state_path or out}, step {last_saved}" if last_saved > 0 else "none written yet"
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step}; stopped. The last good checkpoint ({kept}) was kept."
-                )
-            losses.append(loss)
-            done = step + 1
-            rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
-            if log is not None and (done % log_every == 0 or done == total):
-                log.write(json.dumps({"step": step, **record, "images_per_s": rate}) + "\n")
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}", refresh=False
-                )
-                bar.update(1)
-            report = after_step(done) if after_step is not None else None
-            if report is not None and env.is_main:
-                extra, message = report
+        try:
+            for step in range(start, total):
+                tick = time.perf_counter()
+                try:
+                    record = step_fn(step)
+                except NonFiniteGradient as err:
+                    raise TrainingDiverged(
+                        f"{err} at step {step}; stopped before the optimizer step. "
+                        f"The last good checkpoint ({_kept(checkpointing, out, last_saved)}) was kept."
+                    ) from None
+                loss = float(record["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step}; stopped before the optimizer step. "
+                        f"The last good checkpoint ({_kept(checkpointing, out, last_saved)}) was kept."
+                    )
+                losses.append(loss)
+                done = step + 1
+                rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
+                if log is not None and (done % log_every == 0 or done == total):
+                    log.write(json.dumps({"step": step, **record, "images_per_s": rate}) + "\n")
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}", refresh=False
+                    )
+                    bar.update(1)
+                report = after_step(done) if after_step is not None else None
+                if report is not None and env.is_main:
+                    extra, message = report
+                    if log is not None:
+                        log.write(json.dumps({"step": step, **extra}) + "\n")
+                    (bar.write if bar is not None else print)(message)
                 if log is not None:
-                    log.write(json.dumps({"step": step, **extra}) + "\n")
-                (bar.write if bar is not None else print)(message)
-            if log is not None:
-                log.flush()
-            if checkpointing.keep_every and done % checkpointing.keep_every == 0 and env.is_main:
-                assert checkpointing.keep is not None
-                checkpointing.keep(done)
-            if done % checkpointing.every == 0 or done == total:
-                if env.is_main:
-                    checkpointing.write(done)
-                last_saved = done
-                if env.world > 1:
-                    dist.barrier()
+                    log.flush()
+                if _save(checkpointing, done, total, env, out, last_saved):
+                    last_saved = done
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"interrupted at step {step}; the last checkpoint ({_kept(checkpointing, out, last_saved)}) "
+                "is kept: continue with --resume"
+            ) from None
     return losses
+
+
+def _save(checkpointing: Checkpointing, done: int, total: int, env: DistEnv, out: Path, last_saved: int) -> bool:
+    """Keep a snapshot and write the checkpoint when due after ``done`` steps, once the state is checked
+    finite on every rank; returns whether the checkpoint was written."""
+    keep_due = bool(checkpointing.keep_every and done % checkpointing.keep_every == 0)
+    write_due = done % checkpointing.every == 0 or done == total
+    if not (keep_due or write_due):
+        return False
+    bad = checkpointing.nonfinite() if checkpointing.nonfinite is not None else []
+    if all_sum(int(bool(bad)), env):
+        what = describe_tensors(bad) if bad else "the state of another process"
+        raise TrainingDiverged(
+            f"non-finite values after step {done - 1} in {what}; stopped without saving them. "
+            f"The last good checkpoint ({_kept(checkpointing, out, last_saved)}) was kept."
+        )
+    with deferred_interrupt():
+        if keep_due and env.is_main:
+            assert checkpointing.keep is not None
+            checkpointing.keep(done)
+        if write_due and env.is_main:
+            checkpointing.write(done)
+    if write_due and env.world > 1:
+        dist.barrier()
+    return write_due

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from vitscope.pretrain import augment
+from vitscope.pretrain.finite import check_number
 
 __all__ = [
     "ObjectiveConfig",
@@ -72,6 +73,21 @@ class ObjectiveConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     crop_min_scale: float | None = None  # None: the recipe's own (see augment.default_crop_scale)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"ObjectiveConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.mim not in ("simmim", "mae"):
+            raise ValueError(f"ObjectiveConfig.mim must be simmim or mae, got {self.mim!r}")
+        check_number("ObjectiveConfig", "cl_weight", self.cl_weight, 0.0, 1.0)
+        check_number("ObjectiveConfig", "moco_t", self.moco_t, 0.0, low_open=True)
+        check_number("ObjectiveConfig", "moco_m", self.moco_m, 0.0, 1.0)
+        check_number("ObjectiveConfig", "mask_ratio", self.mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("ObjectiveConfig", "crop_min_scale", self.crop_min_scale, 0.0, 1.0, low_open=True)
+        for name in ("moco_dim", "moco_mlp_dim", "mask_patch_size", "decoder_dim", "decoder_depth", "decoder_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ObjectiveConfig.{name} must be positive, got {value}")
 
 
 # -------------------------------------------------------------------------------------- the encoder

@@ -9,6 +9,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from vitscope.pretrain.finite import NonFiniteGradient
+
 __all__ = ["warmup_cosine_lr", "param_groups", "layer_decay_groups", "autocast_dtype", "backward_and_step"]
 
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "reg_token", "dist_token")
@@ -85,7 +87,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def backward_and_step(
     loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, clip: float | None
 ) -> float:
-    """Backward, optional gradient clipping (by global norm), optimizer step; returns the gradient norm."""
+    """Backward, optional gradient clipping (by global norm), optimizer step; returns the gradient norm
+    (before clipping).
+
+    Raises:
+        NonFiniteGradient: without a gradient scaler, the norm is NaN or infinite; the optimizer step
+            was not applied, the weights are untouched. (With a scaler, fp16 overflow is routine: the
+            scaler skips that step and lowers its scale.)
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -93,12 +102,15 @@ def backward_and_step(
     else:
         loss.backward()
     if clip is not None and clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # a non-finite norm spoils the grads: not applied
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    value = float(norm)
+    if scaler is None and not math.isfinite(value):
+        raise NonFiniteGradient(f"gradient norm is {value}")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return float(norm)
+    return value

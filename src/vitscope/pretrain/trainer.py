@@ -32,12 +32,15 @@ from vitscope.models.load import ENCODER_FILE
 from vitscope.pretrain.batches import BatchPlan, load_images, step_seed
 from vitscope.pretrain.checkpoint import (
     LOG_FILE,
+    card_step,
     check_run_dir,
     export_model,
-    load_train_state,
+    read_train_state,
+    restore_train_state,
     save_train_state,
     truncate_log,
 )
+from vitscope.pretrain.finite import check_number, check_training_device, nonfinite_state
 from vitscope.pretrain.loop import Checkpointing, TrainingDiverged, run_loop
 from vitscope.pretrain.objectives import (
     Objective,
@@ -52,6 +55,7 @@ from vitscope.pretrain.optim import autocast_dtype, backward_and_step, param_gro
 __all__ = ["TrainConfig", "PretrainResult", "pretrain", "TrainingDiverged", "SNAPSHOT_DIR", "RESUMABLE_CHANGES"]
 
 SNAPSHOT_DIR = "snapshots"  # encoders kept along the way: snapshots/step-NNNNNNN/encoder.{safetensors,json}
+STATE_FORMAT = "vitscope-train-state-v1"
 # config fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "log_every", "keep_every"}
 
@@ -90,6 +94,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {value}")
+        for name in ("lr", "blr", "epochs"):
+            check_number("TrainConfig", name, getattr(self, name), 0.0, low_open=True)
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            check_number("TrainConfig", name, getattr(self, name), 0.0)
+        for i, beta in enumerate(self.betas):
+            check_number("TrainConfig", f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be ≥ 0, got {self.seed}")
+        check_training_device("TrainConfig.device", self.device)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -205,6 +220,7 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
     """Run (or resume) a pretraining run as ``cfg`` describes; returns the trained objective."""
     env = init_distributed(cfg.device)
     out, state_path = check_run_dir(cfg.out, cfg.resume)
+    saved = read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg.arch, cfg.model_kwargs, cfg.objective)
@@ -224,13 +240,14 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
     torch.manual_seed(step_seed(cfg.seed, 0, env.rank, stream=1))  # dropout / drop-path stream of this rank
 
     start = 0
-    if cfg.resume:
-        state = load_train_state(
-            state_path, cfg.to_dict(), RESUMABLE_CHANGES, model=objective, optimizer=optimizer, scaler=scaler
-        )
-        start = int(state["step"])
+    if saved is not None:
+        restore_train_state(state_path, saved, model=objective, optimizer=optimizer, scaler=scaler)
+        start = int(saved["step"])
         if env.is_main:
             truncate_log(out / LOG_FILE, start)
+            if card_step(out, ENCODER_FILE, ENCODER_CARD) != start:  # a run killed between the two writes
+                export_encoder(out, objective.encoder, cfg, start)
+        del saved
 
     model: nn.Module = objective
     if env.world > 1:
@@ -243,11 +260,10 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
         cfg, objective, model, optimizer, scaler, images.to(env.device), plan, env, schedule, amp_dtype
     )
 
-    def write(done: int) -> None:
-        export_encoder(out, objective.encoder, cfg, done)
+    def write(done: int) -> None:  # the state first: a run killed between the two resumes to both
         save_train_state(
             out,
-            format="vitscope-train-state-v1",
+            format=STATE_FORMAT,
             step=done,
             model=objective,
             optimizer=optimizer,
@@ -256,11 +272,14 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
             plan=plan,
             config=cfg.to_dict(),
         )
+        export_encoder(out, objective.encoder, cfg, done)
 
     def keep(done: int) -> None:
         export_encoder(out / SNAPSHOT_DIR / f"step-{done:07d}", objective.encoder, cfg, done)
 
-    checkpointing = Checkpointing(cfg.save_every, write, cfg.keep_every, keep, state_path)
+    checkpointing = Checkpointing(
+        cfg.save_every, write, cfg.keep_every, keep, state_path, nonfinite=lambda: nonfinite_state(objective, optimizer)
+    )
     losses = run_loop(
         step_fn,
         start=start,
