@@ -24,6 +24,7 @@ from tests.support.training import TINY_KWARGS, finetune_args, pretrain_args
 from vitscope.cli import build_parser, main
 from vitscope.commands.pretrain import build_config
 from vitscope.pretrain import FinetuneConfig, ObjectiveConfig, TrainConfig, TrainingDiverged
+from vitscope.pretrain.loop import TrainingInterrupted
 from vitscope.pretrain.objectives import create_encoder
 from vitscope.pretrain.trainer import export_encoder, pretrain
 
@@ -235,6 +236,27 @@ def test_cuda_on_a_machine_without_it_is_refused_before_work(tmp_path, capsys, c
 
 
 # ---------------------------------------------------------------------------------------------- kills
+def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops_naming_it(tmp_path, monkeypatch) -> None:
+    real_save = trainer.save_train_state
+
+    def save_with_ctrl_c(out, **kwargs):
+        if kwargs["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, delivered in the middle of the write
+        real_save(out, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_train_state", save_with_ctrl_c)
+    parser, _ = build_parser()
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as err:
+        pretrain(build_config(parser.parse_args(pretrain_args(run, "--steps", "6", "--save-every", "1"))))
+    assert str(err.value) == (
+        f"interrupted after 3 steps; the last checkpoint ({run / 'train_state.pt'}, step 3) is kept: "
+        "continue with --resume"
+    )
+    assert _state(run)["step"] == 3 and json.loads((run / "encoder.json").read_text())["step"] == 3
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
 STEPS = 30
 
 
@@ -303,7 +325,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_weights(tmp_pat
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vitscope pretrain: interrupted at step "), err
+    assert len(lines) == 1 and lines[0].startswith("vitscope pretrain: interrupted after "), err
     kept = _state(run)
     assert lines[0].endswith(
         f"the last checkpoint ({run / 'train_state.pt'}, step {kept['step']}) is kept: continue with --resume"

@@ -64,24 +64,23 @@ class Checkpointing:
 
 
 @contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold SIGINT while the block runs (a checkpoint write finishes whole), then raise it.
+def deferred_interrupt() -> Iterator[list[int]]:
+    """Hold SIGINT while the block runs (a checkpoint write finishes whole); the yielded list receives the
+    signals held, for the caller to act on after the block.
 
     Only the main thread can install signal handlers, and only Python's own SIGINT handler (the one
     that raises KeyboardInterrupt) is replaced; otherwise the block runs unguarded.
     """
+    received: list[int] = []
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
+        yield received
         return
-    received: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _kept(checkpointing: Checkpointing, out: Path, last_saved: int) -> str:
@@ -127,7 +126,7 @@ def run_loop(
 
     losses: list[float] = []
     last_saved = start
-    step = start
+    completed = start  # steps done when Ctrl-C came
     with ExitStack() as stack:
         log = None
         if env.is_main:
@@ -153,7 +152,7 @@ def run_loop(
                         f"The last good checkpoint ({_kept(checkpointing, out, last_saved)}) was kept."
                     )
                 losses.append(loss)
-                done = step + 1
+                done = completed = step + 1
                 rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
                 if log is not None and (done % log_every == 0 or done == total):
                     log.write(json.dumps({"step": step, **record, "images_per_s": rate}) + "\n")
@@ -170,23 +169,27 @@ def run_loop(
                     (bar.write if bar is not None else print)(message)
                 if log is not None:
                     log.flush()
-                if _save(checkpointing, done, total, env, out, last_saved):
-                    last_saved = done
+                saved, interrupted = _save(checkpointing, done, total, env, out, last_saved)
+                last_saved = done if saved else last_saved
+                if interrupted:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"interrupted at step {step}; the last checkpoint ({_kept(checkpointing, out, last_saved)}) "
+                f"interrupted after {completed} steps; the last checkpoint ({_kept(checkpointing, out, last_saved)}) "
                 "is kept: continue with --resume"
             ) from None
     return losses
 
 
-def _save(checkpointing: Checkpointing, done: int, total: int, env: DistEnv, out: Path, last_saved: int) -> bool:
+def _save(
+    checkpointing: Checkpointing, done: int, total: int, env: DistEnv, out: Path, last_saved: int
+) -> tuple[bool, bool]:
     """Keep a snapshot and write the checkpoint when due after ``done`` steps, once the state is checked
-    finite on every rank; returns whether the checkpoint was written."""
+    finite on every rank; returns whether the checkpoint was written and whether Ctrl-C came meanwhile."""
     keep_due = bool(checkpointing.keep_every and done % checkpointing.keep_every == 0)
     write_due = done % checkpointing.every == 0 or done == total
     if not (keep_due or write_due):
-        return False
+        return False, False
     bad = checkpointing.nonfinite() if checkpointing.nonfinite is not None else []
     if all_sum(int(bool(bad)), env):
         what = describe_tensors(bad) if bad else "the state of another process"
@@ -194,7 +197,7 @@ def _save(checkpointing: Checkpointing, done: int, total: int, env: DistEnv, out
             f"non-finite values after step {done - 1} in {what}; stopped without saving them. "
             f"The last good checkpoint ({_kept(checkpointing, out, last_saved)}) was kept."
         )
-    with deferred_interrupt():
+    with deferred_interrupt() as interrupts:
         if keep_due and env.is_main:
             assert checkpointing.keep is not None
             checkpointing.keep(done)
@@ -202,4 +205,4 @@ def _save(checkpointing: Checkpointing, done: int, total: int, env: DistEnv, out
             checkpointing.write(done)
     if write_due and env.world > 1:
         dist.barrier()
-    return write_due
+    return write_due, bool(interrupts)
