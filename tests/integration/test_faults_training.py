@@ -347,3 +347,61 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_weights(tmp_pat
     assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(STEPS))
+
+
+# ------------------------------------------------------------------------------ full disk, two writers
+@pytest.fixture(params=["800k", "1200k", "1700k"])
+def small_disk(request, tmp_path):
+    """A small tmpfs (root only) that fills up while the tiny run writes its checkpoints and snapshots:
+    800 KiB in the first encoder write, 1200 KiB in the second state write, 1700 KiB in the fourth."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    reference = tmp_path_factory.mktemp("reference") / "run"
+    assert main(pretrain_args(reference, "--steps", "6", "--save-every", "1", "--keep-every", "1")) == 0
+    return reference
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_resumes_to_the_same_weights(
+    small_disk, uninterrupted_run, capsys
+) -> None:
+    run = small_disk / "run"
+    argv = pretrain_args(run, "--steps", "6", "--save-every", "1", "--keep-every", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    kept = _state(run)
+    assert err.startswith(f"vitscope pretrain: error: cannot write the run in {run} after "), err
+    assert f": No space left on device); the last checkpoint ({run / 'train_state.pt'}, step {kept['step']}) " in err
+    assert err.endswith("is kept: make room and continue with --resume") and len(err.splitlines()) == 1
+    assert 1 <= kept["step"] < 6 and _finite(kept["model"])
+    assert not list(run.rglob("*.tmp"))  # no half-written file left
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # room made
+    assert main([*argv, "--resume"]) == 0
+    for name in ("encoder.safetensors", "snapshots/step-0000001/encoder.safetensors"):
+        a, b = load_file(str(uninterrupted_run / name)), load_file(str(run / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_a_run_is_refused_naming_the_first(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    first = _start(run)
+    try:
+        _wait_past(run, 0, first)
+        assert main(pretrain_args(run, "--steps", str(STEPS), "--save-every", "1", "--resume")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"vitscope pretrain: error: {run} is being written by another process (pid {first.pid} ")
+        assert "vitscope pretrain --method mae" in err and err.endswith("wait for it to finish or choose another --out")
+    finally:
+        first.kill()
+        first.communicate()

@@ -9,7 +9,7 @@
 """
 
 from vitscope.pretrain.finetuning import FinetuneConfig, FinetuneResult, finetune
-from vitscope.pretrain.loop import TrainingDiverged
+from vitscope.pretrain.loop import CheckpointWriteFailed, TrainingDiverged, TrainingInterrupted
 from vitscope.pretrain.objectives import METHODS, ObjectiveConfig, build_objective
 from vitscope.pretrain.trainer import PretrainResult, TrainConfig, pretrain
 
@@ -24,4 +24,6 @@ __all__ = [
     "FinetuneResult",
     "finetune",
     "TrainingDiverged",
+    "TrainingInterrupted",
+    "CheckpointWriteFailed",
 ]

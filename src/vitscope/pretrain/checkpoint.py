@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitscope.distributed import DistEnv, all_sum
 from vitscope.io import atomic_path, write_text_atomic
 from vitscope.models.cards import write_card
 from vitscope.models.safe_load import CheckpointError, read_checkpoint
@@ -34,12 +37,14 @@ __all__ = [
     "LOG_FILE",
     "RUN_FILES",
     "check_run_dir",
+    "run_lock",
     "capture_rng_state",
     "restore_rng_state",
     "save_weights",
     "export_model",
     "card_step",
     "save_train_state",
+    "save_torch_atomic",
     "read_train_state",
     "restore_train_state",
     "truncate_log",
@@ -89,6 +94,28 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path]
     return out, state_path
 
 
+@contextmanager
+def run_lock(out_dir: str | os.PathLike, env: DistEnv) -> Iterator[None]:
+    """Hold the run directory's writer lock (rank 0, ``.DIR.lock`` beside it) while the block runs: a
+    second process training into the same directory is refused at once with a sentence naming the
+    first (pid, host, command). Every rank raises when rank 0 could not take it."""
+    from vitscope.rundir import RunLock
+
+    lock, refused = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except ValueError as err:
+            refused = err
+    if all_sum(int(refused is not None), env):
+        raise refused or ValueError(f"{out_dir} is being written by another process")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Delete the temporary files of atomic writes that a killed run left (``.NAME.XXXX.tmp``)."""
     for folder in (out, *sorted((out / "snapshots").glob("step-*"))):
@@ -133,11 +160,18 @@ def restore_rng_state(state: dict) -> None:
 # -------------------------------------------------------------------------------------- weights
 def save_weights(path: Path, module: nn.Module, metadata: Mapping[str, str] | None = None) -> None:
     """``module``'s state dict as safetensors (CPU copies, contiguous), atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        except SafetensorError as err:  # a failed write (a full disk): say it as the OSError it is
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise OSError(f"{path}: {err}") from None
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def export_model(out: Path, weights_name: str, card_name: str, module: nn.Module, card: dict[str, Any]) -> None:
@@ -186,8 +220,45 @@ def save_train_state(
         "config": config,
         "num_threads": torch.get_num_threads(),
     }
-    with atomic_path(out / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    save_torch_atomic(state, out / STATE_FILE)
+
+
+class _WriteRecorder:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write, which torch's
+    zip writer reports only as an opaque RuntimeError."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically; a failed write (a full disk) raises the ``OSError``
+    naming ``path``, and the previous file stays."""
+    with atomic_path(path) as tmp:
+        fh = open(tmp, "wb")  # noqa: SIM115 - closed below, where a failed final flush is caught too
+        recorder = _WriteRecorder(fh)
+        try:
+            torch.save(obj, recorder)  # type: ignore[arg-type]  # a file-like object, as torch.save takes
+            fh.close()
+        except (RuntimeError, OSError) as err:
+            cause = recorder.error or (err if isinstance(err, OSError) else None)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
+        finally:
+            with suppress(OSError):
+                fh.close()
 
 
 _STATE_KEYS = ("format", "step", "model", "optimizer", "rng", "config")

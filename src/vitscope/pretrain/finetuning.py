@@ -36,6 +36,7 @@ from vitscope.pretrain.checkpoint import (
     export_model,
     read_train_state,
     restore_train_state,
+    run_lock,
     save_train_state,
     truncate_log,
 )
@@ -212,6 +213,11 @@ class FinetuneStep:
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` (train split), reporting test top-1 after each epoch."""
     env = init_distributed(cfg.device)
+    with run_lock(cfg.out, env):
+        return _finetune(cfg, env)
+
+
+def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
     out, state_path = check_run_dir(cfg.out, cfg.resume)
     saved = (
         read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES, extra_keys=("top1",))

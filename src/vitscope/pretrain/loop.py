@@ -21,17 +21,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import torch
 import torch.distributed as dist
 
 from vitscope.distributed import DistEnv, all_sum
 from vitscope.pretrain.finite import NonFiniteGradient, describe_tensors
 
-__all__ = ["TrainingDiverged", "TrainingInterrupted", "Checkpointing", "StepHook", "run_loop"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "CheckpointWriteFailed", "Checkpointing", "StepHook", "run_loop"]
 
 StepFn = Callable[[int], dict[str, float]]
 StepHook = Callable[[int], "tuple[dict[str, Any], str] | None"]
@@ -44,6 +45,11 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped the run; the message names the checkpoint kept."""
+
+
+class CheckpointWriteFailed(OSError):
+    """The run could not write its log or a checkpoint (a full disk); the message names the cause and
+    the checkpoint kept (the previous one: every file is replaced only when written whole)."""
 
 
 @dataclass
@@ -81,6 +87,35 @@ def deferred_interrupt() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _steps(count: int) -> str:
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
+def _close_quietly(log: TextIO) -> None:
+    """Close the log; after a failed write (a full disk) its unwritten tail is dropped, not raised again."""
+    with suppress(OSError):
+        log.close()
+
+
+def _append(log: TextIO, record: dict) -> None:
+    """One line of the step log, flushed; a failed write (a full disk) names the file."""
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, log.name) from None
+
+
+def _saved_step(state_path: Path | None, fallback: int) -> int:
+    """The step of the train state on disk (a write may have failed after the state went through)."""
+    if state_path is None or not state_path.is_file():
+        return fallback
+    try:
+        return int(torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return fallback
 
 
 def _kept(checkpointing: Checkpointing, out: Path, last_saved: int) -> str:
@@ -131,7 +166,8 @@ def run_loop(
         log = None
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            log = stack.enter_context(open(out / LOG_FILE, "a"))  # closed by the stack
+            log = open(out / LOG_FILE, "a")  # noqa: SIM115 - closed by the stack, quietly (below)
+            stack.callback(_close_quietly, log)
         bar = _progress(start, total, env.is_main and progress, desc)
         if bar is not None:
             stack.callback(bar.close)
@@ -155,7 +191,7 @@ def run_loop(
                 done = completed = step + 1
                 rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
                 if log is not None and (done % log_every == 0 or done == total):
-                    log.write(json.dumps({"step": step, **record, "images_per_s": rate}) + "\n")
+                    _append(log, {"step": step, **record, "images_per_s": rate})
                 if bar is not None:
                     bar.set_postfix(
                         loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}", refresh=False
@@ -165,17 +201,22 @@ def run_loop(
                 if report is not None and env.is_main:
                     extra, message = report
                     if log is not None:
-                        log.write(json.dumps({"step": step, **extra}) + "\n")
+                        _append(log, {"step": step, **extra})
                     (bar.write if bar is not None else print)(message)
-                if log is not None:
-                    log.flush()
                 saved, interrupted = _save(checkpointing, done, total, env, out, last_saved)
                 last_saved = done if saved else last_saved
                 if interrupted:
                     raise KeyboardInterrupt
+        except OSError as err:
+            reason = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+            kept = _kept(checkpointing, out, _saved_step(checkpointing.state_path, last_saved))
+            raise CheckpointWriteFailed(
+                f"cannot write the run in {out} after {_steps(completed)} ({reason}); the last checkpoint ({kept}) "
+                "is kept: make room and continue with --resume"
+            ) from err
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"interrupted after {completed} steps; the last checkpoint ({_kept(checkpointing, out, last_saved)}) "
+                f"interrupted after {_steps(completed)}; the last checkpoint ({_kept(checkpointing, out, last_saved)}) "
                 "is kept: continue with --resume"
             ) from None
     return losses

@@ -37,6 +37,7 @@ from vitscope.pretrain.checkpoint import (
     export_model,
     read_train_state,
     restore_train_state,
+    run_lock,
     save_train_state,
     truncate_log,
 )
@@ -219,6 +220,11 @@ class PretrainStep:
 def pretrain(cfg: TrainConfig) -> PretrainResult:
     """Run (or resume) a pretraining run as ``cfg`` describes; returns the trained objective."""
     env = init_distributed(cfg.device)
+    with run_lock(cfg.out, env):
+        return _pretrain(cfg, env)
+
+
+def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
     out, state_path = check_run_dir(cfg.out, cfg.resume)
     saved = read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES) if cfg.resume else None
 
