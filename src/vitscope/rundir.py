@@ -95,8 +95,9 @@ class RunLock:
             ) from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        with suppress(OSError):  # who holds it is for messages only: a full disk must not stop the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         _HELD[key] = (fd, 1)
         return self
 

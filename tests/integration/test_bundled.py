@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from tests.support.results import make_results, write_results_dir
 from vitscope import load_model
 from vitscope.cli import main
 from vitscope.models import cards as bundled
@@ -49,7 +50,8 @@ def test_bundled_models_load_strictly_and_differ():
 
 
 def test_demo_runs_end_to_end_with_the_random_control(tmp_path, capsys):
-    out = tmp_path / "demo"
+    out = write_results_dir(tmp_path / "demo", make_results(("cl", "mim")), arrays={})  # an earlier run to replace
+    earlier = json.loads((out / "manifest.json").read_text())["run_id"]
     code = main(
         [
             "demo",
@@ -76,5 +78,8 @@ def test_demo_runs_end_to_end_with_the_random_control(tmp_path, capsys):
     assert json.loads((out / "claims.json").read_text())["roles"]["mim"] == "simmim"  # the saved verdict stays
     with open(out / "metrics.csv", newline="") as fh:
         models = {row["model"] for row in csv.DictReader(fh)}
-    assert models == {"moco", "simmim", "mae", "hybrid", "random"}
+    assert models == {"moco", "simmim", "mae", "hybrid", "random"}  # the earlier run replaced whole
     assert (out / "claims.json").is_file() and (out / "report.html").is_file()
+    assert json.loads((out / "manifest.json").read_text())["run_id"] not in (earlier, None)
+    assert main(["demo", "--out", str(out), "--resume"]) == 0  # nothing to continue: said so, the run kept
+    assert "already holds a finished demo run" in capsys.readouterr().out

@@ -186,19 +186,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_out(args: argparse.Namespace, identity: dict, env: DistEnv) -> tuple[RunWriter | None, Any]:
-    """Rank 0 checks and takes ``--out`` before any work; under torchrun the others learn whether it could
-    (and stop quietly when not: rank 0 says why). Checkpoints are kept by one-process runs only."""
+    """Rank 0 checks and takes ``--out`` before any work; under torchrun the others learn whether there is work
+    (they stop quietly when rank 0 refused, having said why, or found the run finished). Checkpoints are kept
+    by one-process runs only."""
     writer = checkpoint = None
-    failed = 0
+    status = 0  # 0: work to do, 1: refused, 2: finished already
     if env.is_main:
         try:
             writer, checkpoint = open_run(args, identity)
         except BaseException:
-            failed = 1
-            all_sum(failed, env)
+            all_sum(1, env)
             raise
-    if all_sum(failed, env):
+        status = 2 if writer.finished else 0
+    status = all_sum(status, env)
+    if status == 1:
         raise SystemExit(2)
+    if status == 2 and not env.is_main:
+        raise SystemExit(0)
     if env.world > 1:
         if env.is_main and args.resume:
             print("note: under torchrun the analysis keeps no checkpoints; --resume starts it again", file=sys.stderr)

@@ -100,11 +100,23 @@ def analyze_into(
         print(f"\ninterrupted; kept in {writer.partial}: {kept}; to continue, {resume}", file=sys.stderr)
         raise SystemExit(130) from None
     except StageFailed as err:
+        if isinstance(err.cause, OSError):
+            raise _cannot_write(writer, err.cause, err.kept) from err
         message = f"{err}; kept in {writer.partial}: {err.kept}; once the cause is fixed, {resume}"
         if isinstance(err.cause, INPUT_ERRORS):
             raise CommandError(message) from err
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from err
+    except OSError as err:  # writing the checkpoint's first file
+        raise _cannot_write(writer, err, checkpoint.kept() if checkpoint is not None else "nothing") from err
+
+
+def _cannot_write(writer: RunWriter, err: OSError, kept: str) -> CommandError:
+    """A write into the staging directory failed (a full disk): ``--out`` is untouched, and what is kept."""
+    return CommandError(
+        f"cannot write into {writer.partial} ({err.strerror or err}); {writer.path} is unchanged; kept: {kept}; "
+        "make room and run the same command with --resume"
+    )
 
 
 def commit_run(writer: RunWriter, output: AnalysisOutput, run_id: str) -> RunDirectory:
@@ -117,10 +129,7 @@ def commit_run(writer: RunWriter, output: AnalysisOutput, run_id: str) -> RunDir
         stage.save_arrays(output.arrays)
         run_dir = writer.commit(run_id)
     except OSError as err:
-        raise CommandError(
-            f"cannot write the run into {writer.partial} ({err.strerror or err}); {writer.path} is unchanged and "
-            f"the analysis stays in {writer.partial}: make room and run the same command with --resume"
-        ) from err
+        raise _cannot_write(writer, err, "the whole analysis (checkpoint)") from err
     print_skipped(output.results.meta["skipped"])
     return run_dir
 
