@@ -124,3 +124,16 @@ def test_cnn_stages_of_different_width_are_padded_and_classifier_uses_true_width
     _, probes = linear_probe(bank, bank, "resnet", config=ProbeConfig(epochs=2), progress=None)
     logits = probes["gap"].classifier(capture)(images)
     torch.testing.assert_close(logits, probes["gap"].logits(feats)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_probe_features_keep_only_their_own_values_not_the_layer_they_came_from():
+    """A CLS feature is a view of the layer's [B, N, C] tokens: the bank must keep (and checkpoint) a copy."""
+    model = tiny_vit()
+    bank = FeatureBank()
+    images = torch.randn(4, 3, 32, 32)
+    run_reducers(ViTCapture(model), [Batch(images, torch.arange(4))], [bank], progress=None)
+    (batch,) = bank.state()["batches"]
+    assert set(batch["features"]) == {(kind, depth) for kind in ("cls", "gap") for depth in range(3)}
+    for key, feats in batch["features"].items():
+        assert feats.shape == (4, 32), key
+        assert feats.untyped_storage().nbytes() == feats.numel() * feats.element_size(), key

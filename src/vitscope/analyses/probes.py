@@ -71,7 +71,8 @@ class FeatureBank(Reducer):
         assert self._current is not None, "FeatureBank.update before begin_batch"
         for kind in PROBE_KINDS:
             if kind == "gap" or layer.has_class_token:
-                feats = pooled_features(layer, kind).detach().to(torch.float32)
+                # a copy: the CLS token is a view that would keep the whole [B, N, C] layer alive (and saved)
+                feats = pooled_features(layer, kind).detach().to(torch.float32, copy=True)
                 self._current.features[(kind, layer.depth)] = feats
 
     def end_batch(self) -> None:
