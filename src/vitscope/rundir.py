@@ -35,7 +35,7 @@ import numpy as np
 
 from vitscope.results import Results, RunDirectory
 
-__all__ = ["RunDirError", "RunLock", "RunWriter", "update_run", "save_run", "new_run_id", "sibling"]
+__all__ = ["RunDirError", "RunLock", "RunWriter", "update_run", "save_run", "new_run_id", "normal", "sibling"]
 
 PARTIAL, UPDATE, OLD, LOCK = "partial", "update", "old", "lock"
 CHECKPOINT = "checkpoint"
@@ -48,6 +48,15 @@ class RunDirError(ValueError):
 def new_run_id() -> str:
     """A fresh run id: the UTC time and 8 random hex digits (sortable, unique)."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def normal(path: str | os.PathLike) -> Path:
+    """``path`` as the run directory's own entry: a symbolic link followed to its target, ``.`` or ``..``
+    made absolute (a name is needed to put ``.NAME.partial`` beside it)."""
+    target = Path(path)
+    if target.is_symlink():
+        return Path(os.path.realpath(target))
+    return Path(os.path.abspath(target)) if target.name in ("", ".", "..") else target
 
 
 def sibling(target: Path, kind: str) -> Path:
@@ -73,7 +82,7 @@ class RunLock:
     """
 
     def __init__(self, target: str | os.PathLike, command: str | None = None) -> None:
-        self.target = Path(target)
+        self.target = normal(target)
         self.path = sibling(self.target, LOCK)
         self.command = command or _command_line()
 
@@ -251,7 +260,7 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
                  command: str | None = None) -> None:  # fmt: skip
-        self.path = Path(path)
+        self.path = normal(path)
         self.overwrite, self.resume = overwrite, resume
         self.lock = RunLock(self.path, command)
         self.partial = sibling(self.path, PARTIAL)
@@ -358,7 +367,7 @@ def update_run(path: str | os.PathLike, command: str | None = None) -> Iterator[
     """Change a committed run whole or not at all: yields a writable copy (hard links) of ``DIR`` in
     ``.DIR.update/``; on success its manifest is rewritten (the run id kept while the data files are
     unchanged) and it takes ``DIR``'s place in one step; on error ``DIR`` is untouched."""
-    target = Path(path)
+    target = normal(path)
     committed = RunDirectory(target).check()  # a missing or mixed directory is refused before anything is written
     with RunLock(target, command):
         _recover(target)

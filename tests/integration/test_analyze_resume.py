@@ -108,7 +108,8 @@ def test_ctrl_c_saves_at_the_end_of_the_batch_and_says_how_to_continue(reference
     stopped = run_stopped_at(argv(data, out), "vitscope.analyses.driver:_run_one", 5, signum=signal.SIGINT)
     assert stopped.returncode == 130
     last = stopped.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"interrupted; kept in {tmp_path / '.run.partial'}: test pass: 3 of 6 batches")
+    partial = tmp_path / ".run.partial"
+    assert last.startswith(f"vitscope analyze: interrupted (Ctrl-C); kept in {partial}: test pass: 3 of 6 batches")
     assert last.endswith(f"to continue, run the same command with --resume (--out {out})")
     assert "Traceback" not in stopped.stderr
     # the Ctrl-C came during batch 2: it was finished and saved before stopping

@@ -69,3 +69,15 @@ def test_a_committed_run_refuses_writes_outside_a_transaction(tmp_path):
     with rundir.update_run(out) as run:
         run.save_report("<html></html>")
     assert (out / "report.html").read_text() == "<html></html>"
+
+
+def test_a_run_behind_a_symbolic_link_or_at_dot_is_written_in_place(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    committed(real)
+    save_run(tmp_path / "link", make_results(("mim",)), overwrite=True)
+    assert (tmp_path / "link").is_symlink() and RunDirectory(real).check().load_results().models() == ["mim"]
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    save_run(".", make_results(("cl",)))
+    assert RunDirectory(tmp_path / "empty").check().load_results().models() == ["cl"]

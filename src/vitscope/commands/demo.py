@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{out_dir} already holds a finished demo run; nothing to resume (run without --resume to redo it)")
             return 0
         checkpoint = SuiteCheckpoint(writer.checkpoint_dir, DEFAULT_EVERY, run_id=new_run_id())
-        output = analyze_into(writer, checkpoint, models, args.data, config, roles=ROLES, notify=_print_note)
+        output = analyze_into(writer, checkpoint, models, args.data, config, "demo", roles=ROLES, notify=_print_note)
         assert output is not None  # one process
         output.results.meta["roles"] = ROLES
         commit_run(writer, output, checkpoint.run_id or new_run_id())

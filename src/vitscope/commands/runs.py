@@ -87,17 +87,19 @@ def analyze_into(
     models: Mapping[str, str],
     data: str,
     config: AnalysisConfig,
+    command: str = "analyze",
     **options: Any,
 ) -> AnalysisOutput | None:
     """:func:`~vitscope.analyses.analyze` (``options``: its keyword arguments) with progress saved in
-    ``writer``'s staging directory; a Ctrl-C or a failed stage ends with one sentence on what is kept and how
-    to continue."""
+    ``writer``'s staging directory; a Ctrl-C or a failed stage ends with one sentence (``vitscope COMMAND: ...``)
+    on what is kept and how to continue."""
     resume = f"run the same command with --resume (--out {writer.path})"
     try:
         return analyze(models, data, config, checkpoint=checkpoint, **options)
     except KeyboardInterrupt:
         kept = checkpoint.kept() if checkpoint is not None else "nothing"
-        print(f"\ninterrupted; kept in {writer.partial}: {kept}; to continue, {resume}", file=sys.stderr)
+        print(f"\nvitscope {command}: interrupted (Ctrl-C); kept in {writer.partial}: {kept}; to continue, {resume}",
+              file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
     except StageFailed as err:
         if isinstance(err.cause, OSError):
