@@ -46,6 +46,7 @@ from vitscope.metrics import (
     token_cosine_similarity,
 )
 from vitscope.results import Results
+from vitscope.runmeta import RunMeta, model_meta, run_versions
 
 __all__ = [
     "SCALAR_METRICS",
@@ -332,21 +333,20 @@ def analyze_model(
         capture.facts, asked, images_per_group=images_per_group, spectrum_groups=spectrum_groups
     ) + list(extra_reducers)
     skips = SkipCounter()
-    seen = run_lockstep(
-        [ModelPass(label, capture, reducers)], loader, device=device, dtype=dtype, skips=skips, progress=progress
-    )
+    passed = ModelPass(label, capture, reducers)
+    seen = run_lockstep([passed], loader, device=device, dtype=dtype, skips=skips, progress=progress)
     if seen == 0:
         raise ValueError(f"{label}: the loader yielded no images ({skips.report()})")
-    results = Results(
-        meta={
-            "models": [label],
-            "images": {label: seen},
-            "skipped": {label: skips.count},
-            "metrics": [m for m in ALL_METRICS if m in asked],
-            "images_per_group": images_per_group,
-            "spectrum_groups": spectrum_groups,
-        }
+    run_meta = RunMeta(
+        models={label: model_meta(passed, model, images=seen)},
+        num_images=seen,
+        skipped=[list(item) for item in skips.skipped],
+        metrics=[m for m in ALL_METRICS if m in asked],
+        config={"images_per_group": images_per_group, "spectrum_groups": spectrum_groups},
+        versions=run_versions(),
+        device=str(device),
     )
+    results = Results(meta=run_meta.as_dict())
     for reducer in reducers:
         results.extend(reducer.rows(label))
     return results

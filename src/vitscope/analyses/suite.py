@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,14 +20,12 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import vitscope
 from vitscope.analyses.attention_maps import AttentionMaps
 from vitscope.analyses.checkpoint import SuiteCheckpoint, array_digest, run_identity, weights_digest
 from vitscope.analyses.cka import CKAReducer, CrossModelCKA
@@ -58,6 +55,7 @@ from vitscope.data import (
 )
 from vitscope.distributed import DistEnv, all_sum, current_env, gather_to_main
 from vitscope.results import Results
+from vitscope.runmeta import RunMeta, model_meta, run_versions
 
 __all__ = ["EXTRA_ANALYSES", "ALL_ANALYSES", "AnalysisConfig", "AnalysisOutput", "analyze"]
 
@@ -267,37 +265,6 @@ def _merge_skips(skips: SkipCounter, env: DistEnv) -> None:
         skips.skipped.extend(other)
 
 
-def _model_meta(entry: _Model) -> dict:
-    """What the report and the claims need to know about a model, from its facts and the layers it yielded."""
-    facts = entry.run.capture.facts
-    image_hw = entry.run.image_hw or (0, 0)
-    layouts = [entry.run.layouts[depth] for depth in sorted(entry.run.layouts)]
-    grids = [list(grid) for grid, _ in layouts]
-    windows = [list(window) if window else None for _, window in layouts]
-    keys: list[int | None] = []
-    for (grid, window), depth in zip(layouts, sorted(entry.run.layouts)):
-        attends = facts.kind != "cnn" and depth > 0
-        area = window[0] * window[1] if window else grid[0] * grid[1]
-        keys.append(area if attends else None)
-    last = grids[-1] if grids else None
-    return {
-        "spec": entry.spec,
-        "kind": facts.kind,
-        "num_layers": facts.num_layers,
-        "num_heads": facts.num_heads,
-        "num_prefix_tokens": facts.num_prefix_tokens,
-        "grid": last,
-        "grids": grids,
-        "windows": windows,
-        "attention_keys": keys,
-        "patch_size": list(facts.patch_size),
-        "num_tokens": last[0] * last[1] if last else None,
-        "input_size": list(image_hw),
-        "has_class_token": facts.has_class_token,
-        "parameters": sum(p.numel() for p in entry.model.parameters()),
-    }
-
-
 def _shapes(entries: list[_Model], views: Sequence[Callable], roles: Mapping[str, str]) -> dict[str, ModelShape]:
     """The architecture of the models in ``roles``: facts, and the token grid of the size each model's
     transform gives an image."""
@@ -440,28 +407,23 @@ def analyze(
         arrays.update({key: np.asarray(value) for key, value in tsne.items()})
     arrays.update(_example_image(entries, test_set, test_choice))
 
-    results.meta = {
-        "models": {entry.label: _model_meta(entry) for entry in entries},
-        "data": data,
-        "num_images": seen,
-        "probe_train_images": len(train_choice),
-        "noise_images": plan.num_noise,
-        "skipped": [list(item) for item in skips.skipped],
-        "analyses": sorted(wanted),
-        "config": asdict(config),
-        "seed": config.seed,
-        "notes": notes,
-        "versions": {
-            "vitscope": vitscope.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-        },
-        "device": config.device,
-        "processes": env.world,
-        "pass_time_s": round(pass_time, 3),  # the lockstep pass over the test images, merge included
-        "wall_time_s": round(time.perf_counter() - started, 2),
-    }
+    results.meta = RunMeta(
+        models={entry.label: model_meta(entry.run, entry.model, spec=entry.spec, images=seen) for entry in entries},
+        data=data,
+        num_images=seen,
+        probe_train_images=len(train_choice),
+        noise_images=plan.num_noise,
+        skipped=[list(item) for item in skips.skipped],
+        analyses=sorted(wanted),
+        config=asdict(config),
+        seed=config.seed,
+        notes=notes,
+        versions=run_versions(),
+        device=config.device,
+        processes=env.world,
+        pass_time_s=round(pass_time, 3),  # the lockstep pass over the test images, merge included
+        wall_time_s=round(time.perf_counter() - started, 2),
+    ).as_dict()
     return AnalysisOutput(results, arrays)
 
 

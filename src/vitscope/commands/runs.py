@@ -16,6 +16,7 @@ from vitscope.analyses.checkpoint import DEFAULT_EVERY, StageFailed, SuiteCheckp
 from vitscope.commands.common import CommandError, non_negative_int, print_skipped
 from vitscope.results import RunDirectory
 from vitscope.rundir import RunWriter, new_run_id
+from vitscope.runmeta import models_of
 
 __all__ = [
     "add_run_arguments",
@@ -70,7 +71,7 @@ def finished_run_note(writer: RunWriter, identity: Mapping[str, Any]) -> str:
     """For ``--resume`` on a finished run: what to say (the settings match), or a CommandError naming the
     settings that differ."""
     meta = RunDirectory(writer.path).check().load_results().meta
-    models = {label: info.get("spec") for label, info in (meta.get("models") or {}).items()}
+    models = {label: info.spec or "" for label, info in models_of(meta).items()}
     saved = run_identity(models, meta.get("data", ""), meta.get("config") or {})
     keys = [key for key in identity if not key.startswith("versions.")]
     differ = differences({k: saved.get(k) for k in keys}, {k: identity[k] for k in keys})

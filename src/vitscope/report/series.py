@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vitscope.results import Results, Row
+from vitscope.runmeta import RunMeta, models_of
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ResultView:
 
     def __init__(self, results: Results) -> None:
         self.results = results
-        self.meta: dict[str, Any] = results.meta or {}
+        self.meta: dict[str, Any] = RunMeta.from_dict(results.meta).as_dict()  # older shapes read as today's
         self._rows: dict[tuple[str, str], list[Row]] = defaultdict(list)
         for row in results.rows:  # a value saved as NaN comes back empty: not a measurement
             if row.get("value") is not None and not math.isnan(row["value"]):
@@ -47,11 +48,13 @@ class ResultView:
     # -- models ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
         """Model labels: those in ``meta['models']`` (in order), then any others found in rows."""
-        ordered = list(self.meta.get("models", {}))
+        ordered = list(models_of(self.meta))
         return ordered + [m for m in self.results.models() if m not in ordered]
 
     def model_meta(self, model: str) -> dict[str, Any]:
-        return dict(self.meta.get("models", {}).get(model, {}))
+        """The model's entry of ``meta['models']``, the fields the run did not record left out."""
+        info = models_of(self.meta).get(model)
+        return {k: v for k, v in info.as_dict().items() if v is not None} if info is not None else {}
 
     def num_layers(self, model: str) -> int | None:
         """Number of blocks: ``meta`` first, else the deepest layer in the rows."""
