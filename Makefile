@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PY_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e ".[dev,hf,openclip]"
+	$(PY) -m pip install -q -e ".[dev,hf,openclip,track]"
 	@touch $(STAMP)
 
 # Debian's dataset-fashion-mnist (30 MB of IDX files); skipped quietly where apt is not usable.

@@ -59,6 +59,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-every", type=positive_int, default=500)
+    parser.add_argument(
+        "--track-every",
+        type=positive_int,
+        default=None,
+        help="every N optimizer steps (and before the first) measure the model on fixed held-out test images: "
+        "attention/token metrics per block, kNN top-1, embedding spread -> log.jsonl and OUT/tensorboard/",
+    )
+    parser.add_argument(
+        "--track-images",
+        type=positive_int,
+        default=64,
+        help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -98,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         resume=args.resume,
         progress=not args.no_progress,
+        track_every=args.track_every,
+        track_images=args.track_images,
     )
     set_threads(args.threads)
     try:

@@ -62,6 +62,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)",
     )
+    g.add_argument(
+        "--track-every",
+        type=positive_int,
+        default=None,
+        help="every N optimizer steps (and before the first) measure the encoder on fixed held-out test images: "
+        "attention/token metrics per block, kNN top-1, embedding spread -> log.jsonl and OUT/tensorboard/",
+    )
+    g.add_argument(
+        "--track-images",
+        type=positive_int,
+        default=64,
+        help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
+    )
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument(
         "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
@@ -160,6 +173,8 @@ def build_config(args: argparse.Namespace):
         out=args.out,
         save_every=args.save_every,
         keep_every=args.keep_every,
+        track_every=args.track_every,
+        track_images=args.track_images,
         resume=args.resume,
         progress=not args.no_progress,
         objective=objective,

@@ -10,7 +10,8 @@ The encoder is loaded by :func:`vitscope.models.load_model` (any spec; ``file:RU
 ``vitscope pretrain`` run), strictly. Same determinism, checkpoint, resume and DDP rules as
 :mod:`vitscope.pretrain.trainer`, and the same loop (:mod:`vitscope.pretrain.loop`); files under
 ``out``: ``model.safetensors`` + ``model.json`` (classifier with head), ``train_state.pt``,
-``log.jsonl`` (step lines and ``{"epoch", "top1"}`` lines), ``metrics.json`` (top-1 per epoch).
+``log.jsonl`` (step lines and ``{"epoch", "top1"}`` lines), ``metrics.json`` (top-1 per epoch); with
+``track_every``, measurements as in :mod:`vitscope.pretrain.tracking` (log records and ``tensorboard/``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vitscope.pretrain.checkpoint import (
 from vitscope.pretrain.finite import check_number, check_training_device, nonfinite_state
 from vitscope.pretrain.loop import Checkpointing, run_loop
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, layer_decay_groups, warmup_cosine_lr
+from vitscope.pretrain.tracking import Tracker
 
 if TYPE_CHECKING:
     from timm.models import VisionTransformer
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "load_encoder", "finetune", "evaluate_top1"]
 
-RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device"}
+RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "track_every", "track_images"}
 MODEL_FILE, MODEL_CARD = "model.safetensors", "model.json"
 STATE_FORMAT = "vitscope-finetune-state-v1"
 
@@ -83,9 +85,19 @@ class FinetuneConfig:
     save_every: int = 500
     resume: bool = False
     progress: bool = True
+    track_every: int | None = None  # measure the model on held-out images every N steps (and at step 0)
+    track_images: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "save_every", "num_images", "num_test_images"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "save_every",
+            "num_images",
+            "num_test_images",
+            "track_every",
+            "track_images",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"FinetuneConfig.{name} must be positive, got {value}")
@@ -315,6 +327,21 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
 
     if start and env.is_main and card_step(out, MODEL_FILE, MODEL_CARD) != start:  # killed between the writes
         export(start)
+    tracker = None
+    if cfg.track_every is not None and env.is_main:
+        tracker = Tracker(
+            model,
+            out,
+            every=cfg.track_every,
+            data=cfg.test_data or cfg.data,
+            seed=cfg.seed,
+            mean=mean,
+            std=std,
+            steps_per_epoch=plan.steps_per_epoch,
+            start=start,
+            images=cfg.track_images,
+            dtype=amp_dtype,
+        )
     run_loop(
         step_fn,
         start=start,
@@ -328,6 +355,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
         progress=cfg.progress,
         after_step=after_step,
         desc="finetune",
+        tracker=tracker,
     )
     return FinetuneResult(model, top1, total, out, plan, env)
 

@@ -24,13 +24,16 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 import torch.distributed as dist
 
 from vitscope.distributed import DistEnv, all_sum
 from vitscope.pretrain.finite import NonFiniteGradient, describe_tensors
+
+if TYPE_CHECKING:
+    from vitscope.pretrain.tracking import Tracker
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "CheckpointWriteFailed", "Checkpointing", "StepHook", "run_loop"]
 
@@ -145,6 +148,7 @@ def run_loop(
     log_every: int = 1,
     after_step: StepHook | None = None,
     desc: str = "train",
+    tracker: Tracker | None = None,
 ) -> list[float]:
     """Run steps ``start .. total − 1`` of a training run; return the losses of the steps run.
 
@@ -156,6 +160,8 @@ def run_loop(
         images_per_step: the global batch, for images/s.
         after_step: called with the number of steps done, on every rank; may return a record for the
             log and a line to print (fine-tuning's evaluation after each epoch).
+        tracker: rank 0's measurements (:mod:`vitscope.pretrain.tracking`), before the first step and
+            when due after a step; their records go to the log, their lines to the progress bar.
     """
     from vitscope.pretrain.checkpoint import LOG_FILE
 
@@ -171,7 +177,11 @@ def run_loop(
         bar = _progress(start, total, env.is_main and progress, desc)
         if bar is not None:
             stack.callback(bar.close)
+        if tracker is not None:
+            stack.callback(tracker.close)
         try:
+            if tracker is not None and tracker.due(start):
+                _track(tracker, start, log, bar)
             for step in range(start, total):
                 tick = time.perf_counter()
                 try:
@@ -192,9 +202,16 @@ def run_loop(
                 rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
                 if log is not None and (done % log_every == 0 or done == total):
                     _append(log, {"step": step, **record, "images_per_s": rate})
+                    if tracker is not None:
+                        tracker.log_step(done, {**record, "images_per_s": rate})
                 if bar is not None:
+                    alert = {"warn": tracker.alert} if tracker is not None and tracker.alert else {}
                     bar.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{record.get('lr', math.nan):.2e}", img_s=f"{rate:.0f}", refresh=False
+                        loss=f"{loss:.4f}",
+                        lr=f"{record.get('lr', math.nan):.2e}",
+                        img_s=f"{rate:.0f}",
+                        **alert,
+                        refresh=False,
                     )
                     bar.update(1)
                 report = after_step(done) if after_step is not None else None
@@ -203,6 +220,8 @@ def run_loop(
                     if log is not None:
                         _append(log, {"step": step, **extra})
                     (bar.write if bar is not None else print)(message)
+                if tracker is not None and tracker.due(done):
+                    _track(tracker, done, log, bar)
                 saved, interrupted = _save(checkpointing, done, total, env, out, last_saved)
                 last_saved = done if saved else last_saved
                 if interrupted:
@@ -220,6 +239,17 @@ def run_loop(
                 "is kept: continue with --resume"
             ) from None
     return losses
+
+
+def _track(tracker: Tracker, done: int, log: TextIO | None, bar: Any) -> None:
+    """One measurement: its record to the log, its summary to the progress bar, its warnings to both."""
+    record, summary, warnings = tracker.measure(done)
+    if log is not None:
+        _append(log, record)
+    if bar is not None:
+        bar.write(summary)
+    for line in warnings:
+        (bar.write if bar is not None else print)(line)
 
 
 def _save(

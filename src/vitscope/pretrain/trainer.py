@@ -12,7 +12,8 @@ Files under ``out`` (written by rank 0 only, each atomically):
   rebuilds it), method, step, normalisation;
 - ``train_state.pt`` — everything needed to resume;
 - ``log.jsonl`` — one line every ``log_every`` steps (appended; truncated to the resumed step on resume);
-- ``snapshots/step-NNNNNNN/`` — with ``keep_every``: the encoder (and its card) every N steps.
+- ``snapshots/step-NNNNNNN/`` — with ``keep_every``: the encoder (and its card) every N steps;
+- ``tensorboard/`` — with ``track_every``: TensorBoard event files (:mod:`vitscope.pretrain.tracking`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,24 @@ from vitscope.pretrain.objectives import (
     moco_momentum,
 )
 from vitscope.pretrain.optim import autocast_dtype, backward_and_step, param_groups, warmup_cosine_lr
+from vitscope.pretrain.tracking import Tracker
 
 __all__ = ["TrainConfig", "PretrainResult", "pretrain", "TrainingDiverged", "SNAPSHOT_DIR", "RESUMABLE_CHANGES"]
 
 SNAPSHOT_DIR = "snapshots"  # encoders kept along the way: snapshots/step-NNNNNNN/encoder.{safetensors,json}
 STATE_FORMAT = "vitscope-train-state-v1"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "log_every", "keep_every"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "progress",
+    "save_every",
+    "out",
+    "device",
+    "log_every",
+    "keep_every",
+    "track_every",
+    "track_images",
+}
 
 
 @dataclass
@@ -88,10 +100,21 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     log_every: int = 1
+    track_every: int | None = None  # measure the encoder on held-out images every N steps (and at step 0)
+    track_images: int = 64  # held-out images of the per-token suite (the kNN probe uses 512)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "save_every", "log_every", "keep_every", "num_images", "steps"):
+        for name in (
+            "batch_size",
+            "save_every",
+            "log_every",
+            "keep_every",
+            "num_images",
+            "steps",
+            "track_every",
+            "track_images",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {value}")
@@ -286,6 +309,22 @@ def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
     checkpointing = Checkpointing(
         cfg.save_every, write, cfg.keep_every, keep, state_path, nonfinite=lambda: nonfinite_state(objective, optimizer)
     )
+    tracker = None
+    if cfg.track_every is not None and env.is_main:
+        mean, std = encoder_norm_stats(objective.encoder)
+        tracker = Tracker(
+            objective.encoder,
+            out,
+            every=cfg.track_every,
+            data=cfg.data,
+            seed=cfg.seed,
+            mean=mean,
+            std=std,
+            steps_per_epoch=plan.steps_per_epoch,
+            start=start,
+            images=cfg.track_images,
+            dtype=amp_dtype,
+        )
     losses = run_loop(
         step_fn,
         start=start,
@@ -297,5 +336,6 @@ def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
         progress=cfg.progress,
         log_every=cfg.log_every,
         desc="pretrain",
+        tracker=tracker,
     )
     return PretrainResult(objective, total, losses, out, plan, env)
