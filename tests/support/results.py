@@ -5,7 +5,12 @@ Four 6-block ViTs on a 4×4 grid of 8-px patches (N = 16, log N ≈ 2.77) with t
 frequencies, best probe in the middle), ``control`` (untrained: near-uniform attention) and ``hybrid``
 (MIM-like early, CL-like late), plus a CNN ``resnet`` (no attention metrics). Tests override single
 curves with ``overrides={(model, metric): values}`` (values over blocks 1..L; token metrics get
-layer 0 = first value) and drop metrics with ``drop={(model, metric), ...}``.
+layer 0 = first value), set a metric's standard error with ``stderrs={(model, metric): se}`` and drop
+metrics with ``drop={(model, metric), ...}``.
+
+The rows have the format real runs write (checked against ``vitscope analyze``'s metrics.csv): the
+streaming metrics carry a stderr and n = the test images; linear probes are percentages (correct / n)
+over ``probe_n`` test images without a stderr; noise drops are percentage points without a stderr.
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ PROFILES: dict[str, dict[str, list[float]]] = {
         "fourier_high": [-0.5, -0.8, -1.2, -1.8, -2.3, -2.6],
         "residual_ratio_attn": [3.0, 3.5, 4.0, 4.5, 5.0, 5.5],
         "residual_ratio_mlp": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
-        "probe_cls": [0.40, 0.48, 0.58, 0.68, 0.76, 0.80],
-        "probe_gap": [0.42, 0.50, 0.58, 0.66, 0.73, 0.78],
-        "noise_drop": [0.20, 0.12, 0.06, 0.03, 0.02, 0.01],
+        "probe_cls": [40.0, 48.0, 58.0, 68.0, 76.0, 80.0],
+        "probe_gap": [42.0, 50.0, 58.0, 66.0, 73.0, 78.0],
+        "noise_drop": [20.0, 12.0, 6.0, 3.0, 2.0, 1.0],
     },
     "mim": {
         "attention_distance": [8.0, 7.0, 6.0, 6.0, 5.5, 5.0],
@@ -57,9 +62,9 @@ PROFILES: dict[str, dict[str, list[float]]] = {
         "fourier_high": [-0.3, -0.3, -0.2, -0.3, -0.4, -0.4],
         "residual_ratio_attn": [2.0, 2.2, 2.4, 2.6, 2.8, 3.0],
         "residual_ratio_mlp": [1.5, 1.7, 1.9, 2.1, 2.3, 2.5],
-        "probe_cls": [0.45, 0.55, 0.65, 0.66, 0.60, 0.55],
-        "probe_gap": [0.47, 0.57, 0.66, 0.67, 0.62, 0.57],
-        "noise_drop": [0.02, 0.03, 0.04, 0.06, 0.10, 0.18],
+        "probe_cls": [45.0, 55.0, 65.0, 66.0, 60.0, 55.0],
+        "probe_gap": [47.0, 57.0, 66.0, 67.0, 62.0, 57.0],
+        "noise_drop": [2.0, 3.0, 4.0, 6.0, 10.0, 18.0],
     },
     "control": {
         "attention_distance": [14.5, 14.5, 14.6, 14.6, 14.6, 14.6],
@@ -72,9 +77,9 @@ PROFILES: dict[str, dict[str, list[float]]] = {
         "fourier_high": [-1.0, -1.1, -1.2, -1.2, -1.3, -1.3],
         "residual_ratio_attn": [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
         "residual_ratio_mlp": [4.0, 4.0, 4.0, 4.0, 4.0, 4.0],
-        "probe_cls": [0.30, 0.30, 0.30, 0.30, 0.30, 0.30],
-        "probe_gap": [0.31, 0.31, 0.31, 0.31, 0.31, 0.31],
-        "noise_drop": [0.05, 0.05, 0.05, 0.05, 0.05, 0.05],
+        "probe_cls": [30.0, 30.0, 30.0, 30.0, 30.0, 30.0],
+        "probe_gap": [31.0, 31.0, 31.0, 31.0, 31.0, 31.0],
+        "noise_drop": [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
     },
     "hybrid": {
         "attention_distance": [8.0, 7.5, 9.0, 12.0, 15.0, 16.0],
@@ -87,15 +92,15 @@ PROFILES: dict[str, dict[str, list[float]]] = {
         "fourier_high": [-0.3, -0.4, -0.8, -1.4, -1.9, -2.2],
         "residual_ratio_attn": [2.5, 2.8, 3.2, 3.8, 4.2, 4.8],
         "residual_ratio_mlp": [1.8, 2.1, 2.6, 3.0, 3.4, 3.8],
-        "probe_cls": [0.46, 0.56, 0.66, 0.72, 0.79, 0.83],
-        "probe_gap": [0.47, 0.57, 0.66, 0.71, 0.77, 0.81],
-        "noise_drop": [0.08, 0.06, 0.05, 0.05, 0.06, 0.08],
+        "probe_cls": [46.0, 56.0, 66.0, 72.0, 79.0, 83.0],
+        "probe_gap": [47.0, 57.0, 66.0, 71.0, 77.0, 81.0],
+        "noise_drop": [8.0, 6.0, 5.0, 5.0, 6.0, 8.0],
     },
     "resnet": {
         "token_cosine": [0.10, 0.15, 0.25, 0.35],
         "effective_rank": [14.0, 13.0, 11.0, 9.0],
         "fourier_high": [0.2, -0.2, -0.6, -1.0],
-        "probe_gap": [0.35, 0.50, 0.65, 0.74],
+        "probe_gap": [35.0, 50.0, 65.0, 74.0],
     },
 }
 VIT_MODELS = ("cl", "mim", "control", "hybrid")
@@ -120,47 +125,78 @@ def model_meta(label: str) -> dict:
         "num_heads": HEADS,
         "num_prefix_tokens": 1,
         "grid": list(GRID),
+        "grids": [list(GRID)] * (L + 1),
+        "windows": [None] * (L + 1),
+        "attention_keys": [None] + [N] * L,
         "patch_size": list(PATCH),
         "num_tokens": N,
     }
+
+
+TEST_IMAGES = 64  # n of the streaming metrics
+PROBE_TEST_IMAGES = 500  # n of the probes by default (as the demo's 500 test images)
+NOISE_IMAGES = 64
 
 
 def _stderr(value: float) -> float:
     return 0.01 * abs(value) + 1e-4
 
 
-def per_layer_rows(model: str, metric: str, values: Iterable[float], *, first_layer: int = 1, **extra) -> list[Row]:
-    return [make_row(model, metric, first_layer + i, v, stderr=_stderr(v), n=8, **extra) for i, v in enumerate(values)]
+def per_layer_rows(
+    model: str, metric: str, values: Iterable[float], *, first_layer: int = 1, stderr: float | None = None, **extra
+) -> list[Row]:
+    return [
+        make_row(
+            model, metric, first_layer + i, v, stderr=_stderr(v) if stderr is None else stderr, n=TEST_IMAGES, **extra
+        )
+        for i, v in enumerate(values)
+    ]
 
 
-def _head_rows(model: str, metric: str, values: list[float]) -> list[Row]:
+def probe_rows(model: str, feature: str, percents: Iterable[float], n: int) -> list[Row]:
+    """Probe accuracies as real runs write them: percent of ``n`` test images (rounded to whole images)."""
+    return [
+        make_row(model, "linear_probe_top1", layer, 100.0 * round(p / 100.0 * n) / n, n=n, feature=feature)
+        for layer, p in enumerate(percents, start=1)
+    ]
+
+
+def _head_rows(model: str, metric: str, values: list[float], stderr: float | None) -> list[Row]:
     offsets = np.linspace(-HEAD_SPREAD[metric], HEAD_SPREAD[metric], HEADS)  # heads average to the layer value
     return [
-        make_row(model, metric, layer, v + off, head=h, stderr=_stderr(v), n=8)
+        make_row(model, metric, layer, v + off, head=h, stderr=_stderr(v) if stderr is None else stderr, n=TEST_IMAGES)
         for layer, v in enumerate(values, start=1)
         for h, off in enumerate(offsets)
     ]
 
 
-def model_rows(model: str, profile: Mapping[str, list[float]], skip: set[str]) -> list[Row]:
+def model_rows(
+    model: str,
+    profile: Mapping[str, list[float]],
+    skip: set[str],
+    stderrs: Mapping[str, float] | None = None,
+    probe_n: int = PROBE_TEST_IMAGES,
+) -> list[Row]:
     rows: list[Row] = []
+    se = dict(stderrs or {})
     for metric in ATTENTION_METRICS:
         if metric in profile and metric not in skip:
-            rows += per_layer_rows(model, metric, profile[metric]) + _head_rows(model, metric, profile[metric])
+            rows += per_layer_rows(model, metric, profile[metric], stderr=se.get(metric))
+            rows += _head_rows(model, metric, profile[metric], se.get(metric))
     for metric in TOKEN_METRICS:
         if metric in profile and metric not in skip:
-            rows += per_layer_rows(model, metric, [profile[metric][0]] + list(profile[metric]), first_layer=0)
+            values = [profile[metric][0]] + list(profile[metric])
+            rows += per_layer_rows(model, metric, values, first_layer=0, stderr=se.get(metric))
     for metric in LAYER_METRICS:
         if metric in profile and metric not in skip:
-            rows += per_layer_rows(model, metric, profile[metric])
+            rows += per_layer_rows(model, metric, profile[metric], stderr=se.get(metric))
     if "linear_probe_top1" not in skip:
         for feature in ("cls", "gap"):
             if f"probe_{feature}" in profile:
-                rows += per_layer_rows(model, "linear_probe_top1", profile[f"probe_{feature}"], feature=feature)
+                rows += probe_rows(model, feature, profile[f"probe_{feature}"], probe_n)
     if "noise_drop" in profile and "noise_drop" not in skip:
         rows += [
-            make_row(model, "noise_drop", None, v, stderr=0.005, n=64, band=b)
-            for b, v in enumerate(profile["noise_drop"])
+            make_row(model, "noise_drop", None, v, n=NOISE_IMAGES, band=b) for b, v in enumerate(profile["noise_drop"])
         ]
     depth = len(profile["token_cosine"])
     if "fourier_delta" not in skip:
@@ -192,7 +228,12 @@ def make_results(
     overrides: Mapping[tuple[str, str], list[float]] | None = None,
     drop: Iterable[tuple[str, str]] = (),
     meta_models: bool = True,
+    stderrs: Mapping[tuple[str, str], float] | None = None,
+    probe_n: int = PROBE_TEST_IMAGES,
+    roles: Mapping[str, str] | None = None,
 ) -> Results:
+    """Rows of ``models`` in the real format (probes in percent of ``probe_n`` test images, no stderr);
+    ``roles`` is saved as ``meta['roles']`` (as ``vitscope analyze --cl ... --mim ...`` does)."""
     models = list(models)
     overrides = dict(overrides or {})
     dropped = set(drop)
@@ -202,7 +243,9 @@ def make_results(
         for (m, metric), values in overrides.items():
             if m == model:
                 profile[metric] = list(values)
-        rows += model_rows(model, profile, {metric for m, metric in dropped if m == model})
+        skip = {metric for m, metric in dropped if m == model}
+        model_se = {metric: se for (m, metric), se in (stderrs or {}).items() if m == model}
+        rows += model_rows(model, profile, skip, model_se, probe_n)
     if "cl" in models and ("cl", "cka") not in dropped:
         rows += cka_rows("cl", "cl", L, L)
         if "resnet" in models:
@@ -210,12 +253,13 @@ def make_results(
     meta = {
         "models": {m: model_meta(m) for m in models} if meta_models else {},
         "data": "folder:/data/imagenette-val",
-        "num_images": 64,
+        "num_images": TEST_IMAGES,
         "skipped": [["/data/imagenette-val/broken.jpg", "cannot identify image file"]],
         "versions": {"vitscope": "0.1.0", "torch": "2.14.1", "timm": "1.0.31"},
         "seed": 0,
         "wall_time_s": 12.5,
         "notes": ["attention metrics skipped for resnet: not a transformer"],
+        "roles": dict(roles or {}),
     }
     return Results(rows, meta)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from tests.support.results import LOG_N, PROFILES, L, make_results
 from vitscope.report import ClaimVerdict, Tolerance, evaluate_claims, load_claims
-from vitscope.report.claims import FAILS, HOLDS, NOT_MEASURED, band_shares, change_centre
+from vitscope.report.claims import FAILS, HOLDS, NOT_MEASURED, UNDECIDED, band_shares, change_centre
 from vitscope.report.series import ResultView, thirds
 
 LATE = slice(L - L // 3, L)  # blocks 5, 6 of 6 (list index 4, 5)
@@ -42,8 +43,8 @@ def test_every_claim_holds_on_paper_like_results_with_the_numbers_behind_it():
     assert v[2].numbers["cl_late_nmi"] == pytest.approx(late("cl", "nmi"))
     assert v[3].numbers["mim_late_effective_rank"] == pytest.approx(late("mim", "effective_rank"))
     assert v[4].numbers["cl_late_fourier_high"] == pytest.approx(late("cl", "fourier_high"))
-    # probe accuracies are stored as fractions and reported in percent
-    assert v[5].numbers["cl_last_probe"] == pytest.approx(100 * PROFILES["cl"]["probe_cls"][-1])
+    # probe accuracies are percentages, as real runs write them
+    assert v[5].numbers["cl_last_probe"] == pytest.approx(PROFILES["cl"]["probe_cls"][-1])
     assert v[5].numbers["mim_best_probe_layer"] == 1 + int(np.argmax(PROFILES["mim"]["probe_cls"]))
     assert v[7].numbers["hybrid_early_attention_distance"] == pytest.approx(
         np.mean(PROFILES["hybrid"]["attention_distance"][EARLY])
@@ -75,8 +76,10 @@ def test_distance_notes_when_cl_is_indistinguishable_from_the_control():
     v = verdicts(
         control="control", overrides={("cl", "attention_distance"): PROFILES["control"]["attention_distance"]}
     )[1]
-    assert v.status == HOLDS  # still above MIM ...
-    assert "indistinguishable from the untrained control's 14.6 px" in v.evidence  # ... but no different from random
+    # still above MIM, but no different from random: the status says so, not only the evidence
+    assert v.status == "holds, but CL ≈ untrained" and v.outcome == HOLDS
+    assert v.evidence.startswith("holds, but CL cannot be told from the untrained control.")
+    assert "CL's late attention distance 14.6 px indistinguishable from the untrained control's 14.6 px" in v.evidence
 
 
 def test_distance_not_measured_without_attention_rows():
@@ -189,13 +192,13 @@ def test_frequency_without_noise_rows_still_fails_on_a_failed_fourier_check():
 
 # -- 5 linear separability --------------------------------------------------------------------------
 def test_separability_fails_when_mim_probes_better_at_the_last_layer():
-    v = verdicts(overrides={("mim", "probe_cls"): [0.5, 0.6, 0.7, 0.8, 0.85, 0.9]})[5]
+    v = verdicts(overrides={("mim", "probe_cls"): [50.0, 60.0, 70.0, 80.0, 85.0, 90.0]})[5]
     assert v.status == FAILS
     assert v.evidence.startswith("CL's last layer is not more linearly separable than MIM's")
 
 
 def test_separability_fails_when_mim_best_layer_is_its_last():
-    v = verdicts(overrides={("mim", "probe_cls"): [0.40, 0.45, 0.50, 0.55, 0.60, 0.65]})[5]
+    v = verdicts(overrides={("mim", "probe_cls"): [40.0, 45.0, 50.0, 55.0, 60.0, 65.0]})[5]
     assert v.status == FAILS
     assert "MIM's best probe layer is its last" in v.evidence
     assert v.numbers["mim_best_probe_layer"] == L
@@ -203,7 +206,7 @@ def test_separability_fails_when_mim_best_layer_is_its_last():
 
 def test_separability_names_a_middle_best_layer_that_is_not_clearly_above_the_last():
     # best layer 4 (77 %) vs the last (74 %): 3 points, under 5 % of 77 (3.85), so not "clearly" better
-    v = verdicts(overrides={("mim", "probe_cls"): [0.50, 0.60, 0.70, 0.77, 0.75, 0.74]})[5]
+    v = verdicts(overrides={("mim", "probe_cls"): [50.0, 60.0, 70.0, 77.0, 75.0, 74.0]})[5]
     assert v.status == FAILS
     assert v.evidence.startswith("MIM's best probe layer (4) is not clearly above its last")
     assert "is its last" not in v.evidence
@@ -211,15 +214,17 @@ def test_separability_names_a_middle_best_layer_that_is_not_clearly_above_the_la
 
 
 def test_separability_fails_when_cl_is_within_two_points_of_the_untrained_control():
-    v = verdicts(control="control", overrides={("control", "probe_cls"): [0.3, 0.4, 0.5, 0.6, 0.7, 0.785]})[5]
+    v = verdicts(control="control", overrides={("control", "probe_cls"): [30.0, 40.0, 50.0, 60.0, 70.0, 78.4]})[5]
     assert v.status == FAILS
     assert v.evidence.startswith("indistinguishable from the untrained control")
-    assert v.numbers["control_last_probe"] == pytest.approx(78.5)
+    assert v.numbers["control_last_probe"] == pytest.approx(78.4)
 
 
 def test_separability_holds_when_cl_is_clearly_above_the_control():
-    v = verdicts(control="control", overrides={("control", "probe_cls"): [0.3, 0.4, 0.5, 0.6, 0.7, 0.77]})[5]
-    assert v.status == HOLDS  # 80.0 vs 77.0: 3 points > 2
+    # 80.0 vs 77.0: 3 points > 2, and on 20 000 test images the interval of the difference is above 0
+    overrides = {("control", "probe_cls"): [30.0, 40.0, 50.0, 60.0, 70.0, 77.0]}
+    v = verdicts(control="control", overrides=overrides, probe_n=20_000)[5]
+    assert v.status == HOLDS
 
 
 def test_separability_uses_gap_when_a_model_has_no_cls_probe():
@@ -228,7 +233,7 @@ def test_separability_uses_gap_when_a_model_has_no_cls_probe():
         r for r in make_results(("cl",)).rows if r["metric"] == "linear_probe_top1" and r.get("feature") == "gap"
     ]
     v = {x.claim_id: x for x in evaluate_claims(results, "cl", "mim")}[5]
-    assert v.numbers["cl_last_probe"] == pytest.approx(100 * PROFILES["cl"]["probe_gap"][-1])
+    assert v.numbers["cl_last_probe"] == pytest.approx(PROFILES["cl"]["probe_gap"][-1])
     assert "(gap)" in v.evidence
 
 
@@ -263,7 +268,7 @@ def test_hybrid_not_measured_without_a_hybrid_model():
 
 
 def test_hybrid_fails_when_it_does_not_beat_cl():
-    v = verdicts(hybrid="hybrid", overrides={("hybrid", "probe_cls"): [0.4, 0.5, 0.6, 0.7, 0.75, 0.78]})[7]
+    v = verdicts(hybrid="hybrid", overrides={("hybrid", "probe_cls"): [40.0, 50.0, 60.0, 70.0, 75.0, 78.0]})[7]
     assert v.status == FAILS
     assert v.evidence.startswith("the hybrid does not beat both in linear probing")
 
@@ -298,7 +303,7 @@ def test_nan_values_are_not_measurements(tmp_path):
 
 def test_layers_claim_says_when_cl_matches_the_control():
     v = verdicts(control="control", overrides={("control", "depth_cosine"): PROFILES["cl"]["depth_cosine"]})[6]
-    assert v.status == HOLDS
+    assert v.status == "holds, but CL ≈ untrained"
     centre = _centre(PROFILES["cl"]["depth_cosine"])
     assert f"CL's centre {centre:.2f} indistinguishable from the untrained control's {centre:.2f}" in v.evidence
     assert "differs from the untrained control's 0.51" in verdicts(control="control")[6].evidence
@@ -312,3 +317,103 @@ def test_a_tiny_difference_is_not_a_difference_even_with_tiny_stderr():
     a, b = Estimate(14.2, 0.01), Estimate(14.1, 0.01)
     assert not greater(a, b, tol) and indistinguishable(a, b, tol)
     assert greater(Estimate(16.5, 0.01), b, tol) and not indistinguishable(Estimate(16.5, 0.01), b, tol)
+
+
+# -- never greener than the evidence: a role like the untrained control qualifies "holds" -------------
+def test_diversity_holds_but_mim_like_the_control_says_so_in_the_status():
+    overrides = {("mim", "effective_rank"): PROFILES["control"]["effective_rank"]}
+    v = verdicts(control="control", overrides=overrides)[3]
+    # MIM's late rank 6.55 vs CL's 3.5 still decides the check; the control's 6.55 is the same number
+    assert v.status == "holds, but MIM ≈ untrained" and v.outcome == HOLDS
+    assert "MIM's late effective rank 6.5 indistinguishable from the untrained control's 6.5" in v.evidence
+
+
+def test_both_roles_like_the_control_are_named_and_a_failure_is_never_qualified():
+    # change centres: CL (4 + 5)/2/6 = 0.750, MIM (0.55·4 + 0.45·5)/6 = 0.742, control 0.747: all within 5 %
+    cl, mim, control = ([1.0, 1.0, 1.0, 1 - a, 1 - b, 1.0] for a, b in ((0.5, 0.5), (0.55, 0.45), (0.52, 0.48)))
+    same = {("cl", "depth_cosine"): cl, ("mim", "depth_cosine"): mim, ("control", "depth_cosine"): control}
+    v = verdicts(control="control", overrides=same)[6]
+    assert v.status == "holds, but CL and MIM ≈ untrained"
+    swapped = {**same, ("cl", "depth_cosine"): mim, ("mim", "depth_cosine"): cl}
+    assert verdicts(control="control", overrides=swapped)[6].status == FAILS
+
+
+def test_without_a_control_there_is_no_caveat():
+    v = verdicts(overrides={("cl", "attention_distance"): PROFILES["control"]["attention_distance"]})[1]
+    assert v.status == HOLDS
+
+
+def test_a_caveat_status_survives_claims_json_and_an_unknown_status_is_refused(tmp_path):
+    from tests.support.results import write_results_dir
+    from vitscope.report import Roles, save_claims
+
+    out = write_results_dir(tmp_path / "run", make_results(("cl", "mim", "control")), arrays={})
+    v = evaluate_claims(make_results(("cl", "mim", "control")), "cl", "mim", control="control")
+    v[0].status = "holds, but CL ≈ untrained"
+    save_claims(out, v, Roles("cl", "mim", "control"))
+    assert load_claims(out).verdicts[0].outcome == HOLDS
+    data = json.loads((out / "claims.json").read_text())
+    data["verdicts"][0]["status"] = "holds-ish"
+    (out / "claims.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"claims.json: unknown claim status 'holds-ish'"):
+        load_claims(out)
+
+
+# -- probe accuracies: Wilson intervals over the n test images, in the rule --------------------------
+def _wilson(p: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def test_probe_interval_is_the_wilson_interval_and_the_difference_newcombes():
+    from vitscope.report.claims import Probe, difference_interval
+
+    a, b = Probe(80.0, 40, "cls", 6), Probe(75.0, 40, "cls", 6)
+    assert a.interval() == pytest.approx(_wilson(0.80, 40), abs=1e-9)
+    (la, ua), (lb, ub) = _wilson(0.80, 40), _wilson(0.75, 40)
+    low, high = difference_interval(a, b)
+    assert low == pytest.approx(5.0 - math.sqrt((80 - la) ** 2 + (ub - 75) ** 2))
+    assert high == pytest.approx(5.0 + math.sqrt((ua - 80) ** 2 + (75 - lb) ** 2))
+    assert a.text() == f"80.0% [{_wilson(0.8, 40)[0]:.1f}–{_wilson(0.8, 40)[1]:.1f}, n=40]"
+
+
+def test_a_probe_difference_above_the_margin_on_40_images_is_undecided_with_a_warning():
+    # CL 80 % vs control 75 %: 5 points > 2, but on 40 test images one image is 2.5 points
+    overrides = {("control", "probe_cls"): [30.0, 40.0, 50.0, 60.0, 70.0, 75.0]}
+    v = verdicts(control="control", overrides=overrides, probe_n=40)[5]
+    assert v.status == UNDECIDED
+    assert v.evidence.startswith("cannot be decided on this run: too few test images")
+    assert "too few test images to decide: +5.0 points" in v.evidence
+    assert "(n=40: one image = 2.5 points; margin 2.0)" in v.evidence
+    # the same accuracies on 20 000 test images decide it
+    assert verdicts(control="control", overrides=overrides, probe_n=20_000)[5].status == HOLDS
+
+
+def test_cl_probing_worse_than_the_control_does_not_hold():
+    overrides = {("control", "probe_cls"): [30.0, 40.0, 50.0, 60.0, 70.0, 90.0]}
+    v = verdicts(control="control", overrides=overrides, probe_n=20_000)[5]
+    assert v.status == FAILS
+    assert v.evidence.startswith("indistinguishable from the untrained control")
+
+
+def test_cl_beating_mim_within_the_interval_is_undecided_and_beyond_it_holds():
+    # CL 80 vs MIM 74 % at the last layer: 6 points, above 5 % of 80 = 4; MIM's best layer is 90 %
+    overrides = {("mim", "probe_cls"): [45.0, 55.0, 65.0, 90.0, 75.0, 74.0]}
+    v = verdicts(overrides=overrides, probe_n=100)[5]
+    assert v.status == UNDECIDED  # on 100 images the interval of the difference reaches below 0
+    assert "one image = 1.0 points; margin 4.0" in v.evidence
+    assert verdicts(overrides=overrides, probe_n=20_000)[5].status == HOLDS
+    # a difference within the margin fails however many images: 80 vs 77 (3 < 4 points)
+    overrides = {("mim", "probe_cls"): [45.0, 55.0, 65.0, 90.0, 75.0, 77.0]}
+    assert verdicts(overrides=overrides, probe_n=20_000)[5].status == FAILS
+
+
+def test_mim_probing_like_the_control_qualifies_separability():
+    overrides = {("control", "probe_cls"): [30.0, 40.0, 50.0, 60.0, 60.0, 55.0]}
+    v = verdicts(control="control", overrides=overrides)[5]
+    assert v.status == "holds, but MIM ≈ untrained"
+    assert (
+        "MIM's last-layer probe 55.0% [" in v.evidence
+        and "indistinguishable from the untrained control's 55.0%" in v.evidence
+    )

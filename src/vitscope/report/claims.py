@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,23 @@ import numpy as np
 from vitscope.report.series import ResultView, Series, thirds
 from vitscope.results import Results, RunDirectory
 
-HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
-STATUSES = (HOLDS, FAILS, NOT_MEASURED)
+HOLDS, FAILS, NOT_MEASURED, UNDECIDED = "holds", "does not hold", "not measured", "undecided"
+STATUSES = (HOLDS, FAILS, NOT_MEASURED, UNDECIDED)
+LIKE_CONTROL = "≈ untrained"  # "holds, but CL ≈ untrained": the finding's own metric cannot tell CL from random
+
+
+def holds_but(roles: Iterable[str]) -> str:
+    """The status of a finding that holds while ``roles`` (cl, mim, hybrid) look like the untrained control."""
+    return f"{HOLDS}, but {' and '.join(r.upper() for r in roles)} {LIKE_CONTROL}"
+
+
+def outcome_of(status: str) -> str:
+    """holds / does not hold / not measured: the status without its caveat (ValueError for anything else)."""
+    base = HOLDS if status.startswith(f"{HOLDS}, but ") and status.endswith(LIKE_CONTROL) else status
+    if base not in STATUSES:
+        raise ValueError(f"unknown claim status {status!r}")
+    return base
+
 
 Range = Literal["early", "late", "last"]
 
@@ -47,6 +62,11 @@ class ClaimVerdict:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def outcome(self) -> str:
+        """holds / does not hold / not measured (a "holds, but CL ≈ untrained" status holds)."""
+        return outcome_of(self.status)
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,7 @@ class Check:
     passed: bool | None
     text: str
     failure: str = ""
+    undecided: bool = False  # measured, but too few test images to decide (``passed`` is None)
 
 
 @dataclass(frozen=True)
@@ -105,7 +126,7 @@ def indistinguishable(a: Estimate, b: Estimate, tol: Tolerance) -> bool:
     return abs(a.value - b.value) <= _threshold(a, b, tol)
 
 
-def _value(est: Estimate | None) -> float | None:
+def _value(est: Estimate | Probe | None) -> float | None:
     return None if est is None else est.value
 
 
@@ -147,7 +168,7 @@ def _fmt(value: float | None, digits: int, unit: str = "") -> str:
     return f"{value:.{digits}f}{unit}"
 
 
-def _missing(ctx: _Context, metric: str, models: dict[str, Estimate | None]) -> str:
+def _missing(ctx: _Context, metric: str, models: Mapping[str, object | None]) -> str:
     absent = [f"{ctx.label(role)}" for role, est in models.items() if est is None]
     return f"{metric} not measured for {', '.join(absent)}"
 
@@ -204,34 +225,66 @@ def _per_block(ctx: _Context, which: Range, hi: Series, lo: Series, digits: int,
 
 
 def _control_note(
-    ctx: _Context, what: str, metric: str, which: Range, digits: int, unit: str, numbers: dict
+    ctx: _Context,
+    what: str,
+    metric: str,
+    which: Range,
+    digits: int,
+    unit: str,
+    numbers: dict,
+    like_control: list[str],
+    roles: tuple[str, ...] = ("cl", "mim"),
 ) -> list[str]:
-    """Say whether CL's value is indistinguishable from the untrained control's."""
+    """Say whether each of ``roles`` is indistinguishable from the untrained control on ``metric`` over
+    ``which``; the roles that are get appended to ``like_control`` (the verdict's caveat)."""
     if ctx.roles.control is None:
         return []
-    cl = ctx.estimate(ctx.roles.cl, metric, which)
     control = ctx.estimate(ctx.roles.control, metric, which)
     numbers[f"control_{which}_{metric}"] = None if control is None else control.value
-    if cl is None or control is None:
+    if control is None:
         return [f"control: {metric} not measured"]
-    same = indistinguishable(cl, control, ctx.tol)
-    verdict = "indistinguishable from" if same else "differs from"
-    return [
-        f"CL's {which} {what} {_fmt(cl.value, digits, unit)} {verdict} the untrained control's "
-        f"{_fmt(control.value, digits, unit)}"
-    ]
+    notes = []
+    for role in roles:
+        est = ctx.estimate(getattr(ctx.roles, role), metric, which)
+        if est is None:
+            continue
+        same = indistinguishable(est, control, ctx.tol)
+        if same and role not in like_control:
+            like_control.append(role)
+        verdict = "indistinguishable from" if same else "differs from"
+        notes.append(
+            f"{role.upper()}'s {which} {what} {_fmt(est.value, digits, unit)} {verdict} the untrained control's "
+            f"{_fmt(control.value, digits, unit)}"
+        )
+    return notes
 
 
-def _verdict(claim_id: int, title: str, checks: list[Check], numbers: dict, notes: Iterable[str] = ()) -> ClaimVerdict:
+def _verdict(
+    claim_id: int,
+    title: str,
+    checks: list[Check],
+    numbers: dict,
+    notes: Iterable[str] = (),
+    like_control: Iterable[str] = (),
+) -> ClaimVerdict:
     """Holds when every check was measured and passed; does not hold when a measured check failed; else
-    not measured (a check whose numbers are missing can never let a finding hold)."""
+    not measured (a check whose numbers are missing can never let a finding hold). A finding that holds
+    while a role in ``like_control`` is indistinguishable from the untrained control on the finding's
+    metric is "holds, but CL ≈ untrained": never greener than its evidence."""
     measured = [c for c in checks if c.passed is not None]
     failed = [c for c in measured if not c.passed]
+    like = [role for role in ("cl", "mim", "hybrid") if role in set(like_control)]
+    undecided = [c for c in checks if c.undecided]
     if failed:
         status, headline = FAILS, failed[0].failure
+    elif undecided:
+        status, headline = UNDECIDED, "cannot be decided on this run: too few test images"
     elif len(measured) < len(checks) or not checks:
         status = NOT_MEASURED
         headline = "cannot be decided: part of its evidence is not measured" if measured else ""
+    elif like:
+        status = holds_but(like)
+        headline = f"holds, but {' and '.join(r.upper() for r in like)} cannot be told from the untrained control"
     else:
         status, headline = HOLDS, ""
     parts = [c.text for c in checks] + list(notes)
@@ -249,21 +302,25 @@ def claim_distance(ctx: _Context) -> ClaimVerdict:
     checks = [_compare(ctx, "attention distance", "attention_distance", "late", 1, " px", "cl", "mim", numbers)]
     early = _compare(ctx, "attention distance", "attention_distance", "early", 1, " px", "cl", "mim", numbers)
     notes = [f"(for reference, {early.text})"] if early.passed is not None else []
-    notes += _control_note(ctx, "attention distance", "attention_distance", "late", 1, " px", numbers)
-    return _verdict(1, "Attention distance: CL attends globally, MIM locally (later layers)", checks, numbers, notes)
+    like: list[str] = []
+    notes += _control_note(ctx, "attention distance", "attention_distance", "late", 1, " px", numbers, like)
+    title = "Attention distance: CL attends globally, MIM locally (later layers)"
+    return _verdict(1, title, checks, numbers, notes, like)
 
 
 def claim_collapse(ctx: _Context) -> ClaimVerdict:
     numbers: dict = {}
     checks = [_compare(ctx, "NMI", "nmi", "late", 3, "", "mim", "cl", numbers)]
     checks.append(_peaked_rows(ctx, numbers))
-    notes = _control_note(ctx, "NMI", "nmi", "late", 3, "", numbers)
+    like: list[str] = []
+    notes = _control_note(ctx, "NMI", "nmi", "late", 3, "", numbers, like)
     return _verdict(
         2,
         "Attention collapse: CL's late attention is the same for every query (low NMI, peaked rows)",
         checks,
         numbers,
         notes,
+        like,
     )
 
 
@@ -304,14 +361,16 @@ def claim_diversity(ctx: _Context) -> ClaimVerdict:
     ]
     head = _compare(ctx, "head cosine", "head_cosine", "late", 3, "", "cl", "mim", numbers)
     notes = [f"(supplementary, not decisive: {head.text})"] if head.passed is not None else []
-    notes += _control_note(ctx, "token cosine", "token_cosine", "late", 3, "", numbers)
-    notes += _control_note(ctx, "effective rank", "effective_rank", "late", 1, "", numbers)
+    like: list[str] = []
+    notes += _control_note(ctx, "token cosine", "token_cosine", "late", 3, "", numbers, like)
+    notes += _control_note(ctx, "effective rank", "effective_rank", "late", 1, "", numbers, like)
     return _verdict(
         3,
         "Representation diversity: CL's late tokens become similar (high cosine, low rank); MIM's stay diverse",
         checks,
         numbers,
         notes,
+        like,
     )
 
 
@@ -319,10 +378,10 @@ def claim_frequency(ctx: _Context) -> ClaimVerdict:
     numbers: dict = {}
     checks = [_compare(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", "mim", "cl", numbers)]
     checks += _noise_checks(ctx, numbers)
-    notes = _control_note(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", numbers)
-    return _verdict(
-        4, "Frequency: CL is low-pass (shape), MIM keeps high frequencies (texture)", checks, numbers, notes
-    )
+    like: list[str] = []
+    notes = _control_note(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", numbers, like)
+    title = "Frequency: CL is low-pass (shape), MIM keeps high frequencies (texture)"
+    return _verdict(4, title, checks, numbers, notes, like)
 
 
 def band_shares(drops: np.ndarray) -> tuple[float, float] | None:
@@ -363,80 +422,190 @@ def _noise_checks(ctx: _Context, numbers: dict) -> list[Check]:
     ]
 
 
+# -- probes: accuracies over n test images, with binomial (Wilson) intervals --------------------------
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe accuracy in percent over ``n`` test images (None when the rows do not say)."""
+
+    value: float
+    n: int | None
+    feature: str
+    layer: int
+
+    def interval(self) -> tuple[float, float] | None:
+        """95 % Wilson score interval in percent (scipy's ``binomtest``), None without ``n``."""
+        return wilson_interval(self.value, self.n) if self.n else None
+
+    def text(self) -> str:
+        ci = self.interval()
+        span = "" if ci is None else f" [{ci[0]:.1f}–{ci[1]:.1f}, n={self.n}]"
+        return f"{self.value:.1f}%{span}"
+
+
+def wilson_interval(percent: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval (percent) of an accuracy of ``percent`` % over ``n`` test images."""
+    from scipy.stats import binomtest
+
+    correct = min(n, max(0, round(percent / 100.0 * n)))
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return 100.0 * float(ci.low), 100.0 * float(ci.high)
+
+
+def difference_interval(a: Probe, b: Probe) -> tuple[float, float] | None:
+    """95 % interval of a − b (points) from the two Wilson intervals (Newcombe's hybrid score method);
+    None when either test count is unknown."""
+    ci_a, ci_b = a.interval(), b.interval()
+    if ci_a is None or ci_b is None:
+        return None
+    diff = a.value - b.value
+    low = diff - math.hypot(a.value - ci_a[0], ci_b[1] - b.value)
+    high = diff + math.hypot(ci_a[1] - a.value, b.value - ci_b[0])
+    return low, high
+
+
+def probe_greater(a: Probe, b: Probe, need: float) -> bool | None:
+    """a beats b: by more than ``need`` points AND with the 95 % interval of a − b above 0.
+
+    False when a − b ≤ ``need`` (reversed, or within the margin); None (too few test images to decide)
+    when a − b exceeds the margin but its interval still reaches 0."""
+    if a.value - b.value <= need:
+        return False
+    ci = difference_interval(a, b)
+    return None if ci is not None and ci[0] <= 0 else True
+
+
+def probe_indistinguishable(a: Probe, b: Probe, need: float) -> bool:
+    """Neither beats the other: |a − b| ≤ ``need`` points, or the interval of a − b holds 0."""
+    ci = difference_interval(a, b)
+    return abs(a.value - b.value) <= need or (ci is not None and ci[0] <= 0 <= ci[1])
+
+
+def _probe_margin(a: Probe, b: Probe, tol: Tolerance) -> float:
+    """The relative margin of the tolerance rule (probe rows carry no stderr)."""
+    return tol.rel * max(abs(a.value), abs(b.value))
+
+
+def _too_small(a: Probe, b: Probe, need: float) -> str:
+    """Why a difference above the margin is not decided: the interval of the difference and the size of one image."""
+    ci = difference_interval(a, b)
+    assert ci is not None and a.n and b.n
+    return (
+        f"too few test images to decide: {a.value - b.value:+.1f} points with 95 % interval {ci[0]:+.1f} to "
+        f"{ci[1]:+.1f} (n={min(a.n, b.n)}: one image = {100.0 / min(a.n, b.n):.1f} points; margin {need:.1f})"
+    )
+
+
 def _probe_feature(view: ResultView, model: str) -> str:
     return "cls" if view.series(model, "linear_probe_top1", feature="cls").layers.size else "gap"
 
 
-def _probe(ctx: _Context, role: str, which: Range) -> tuple[Estimate | None, str]:
+def _probe_at(view: ResultView, model: str, layer: int, feature: str) -> Probe | None:
+    """``model``'s probe at ``layer`` in percent, with the test count its row was measured on."""
+    rows = view.rows(model, "linear_probe_top1", head=None, feature=feature, layer=layer)
+    if not rows:
+        return None
+    scale = view.percent_scale("linear_probe_top1")
+    n = rows[0].get("n")
+    return Probe(float(rows[0]["value"]) * scale, int(n) if n else None, feature, layer)
+
+
+def _probe(ctx: _Context, role: str, which: Range = "last") -> Probe | None:
     model = getattr(ctx.roles, role)
+    if model is None:
+        return None
     feature = _probe_feature(ctx.view, model)
-    est = ctx.estimate(model, "linear_probe_top1", which, feature=feature)
-    scale = ctx.view.percent_scale("linear_probe_top1")
-    return (None if est is None else Estimate(est.value * scale, est.stderr * scale)), feature
+    blocks = ctx.blocks(model, which)
+    return _probe_at(ctx.view, model, blocks[-1], feature) if blocks else None
+
+
+def _probe_check(a: Probe, b: Probe, need: float, text: str, failure: str) -> Check:
+    """``a`` beats ``b`` by the probe rule; a difference the test count cannot decide is unmeasured, with why."""
+    ok = probe_greater(a, b, need)
+    if ok is None:
+        return Check(None, f"{text}: {_too_small(a, b, need)}", undecided=True)
+    return Check(ok, text, failure=failure)
 
 
 def claim_separability(ctx: _Context) -> ClaimVerdict:
     numbers: dict = {}
-    cl, cl_feat = _probe(ctx, "cl", "last")
-    mim, mim_feat = _probe(ctx, "mim", "last")
+    cl, mim = _probe(ctx, "cl"), _probe(ctx, "mim")
     numbers.update(cl_last_probe=_value(cl), mim_last_probe=_value(mim))
     checks: list[Check] = []
     if cl is None or mim is None:
         checks.append(Check(None, _missing(ctx, "linear_probe_top1", {"cl": cl, "mim": mim})))
     else:
         checks.append(
-            Check(
-                greater(cl, mim, ctx.tol),
-                f"last-layer linear probe: CL {ctx.roles.cl} {cl.value:.1f}% ({cl_feat}) vs "
-                f"MIM {ctx.roles.mim} {mim.value:.1f}% ({mim_feat}) (expected CL > MIM)",
+            _probe_check(
+                cl,
+                mim,
+                _probe_margin(cl, mim, ctx.tol),
+                f"last-layer linear probe: CL {ctx.roles.cl} {cl.text()} ({cl.feature}) vs "
+                f"MIM {ctx.roles.mim} {mim.text()} ({mim.feature}) (expected CL > MIM)",
                 failure="CL's last layer is not more linearly separable than MIM's",
             )
         )
     checks.append(_mim_best_layer(ctx, numbers))
+    notes: list[str] = []
+    like: list[str] = []
     if ctx.roles.control is not None:
-        checks.append(_probe_vs_control(ctx, cl, numbers))
-    return _verdict(
-        5, "Linear separability: CL's last layers probe best; MIM's best probe layer is in the middle", checks, numbers
-    )
+        control = _probe(ctx, "control")
+        numbers["control_last_probe"] = _value(control)
+        checks.append(_probe_vs_control(ctx, cl, control))
+        notes += _probe_like_control(ctx, "mim", mim, control, like)
+    title = "Linear separability: CL's last layers probe best; MIM's best probe layer is in the middle"
+    return _verdict(5, title, checks, numbers, notes, like)
+
+
+def _probe_like_control(
+    ctx: _Context, role: str, probe: Probe | None, control: Probe | None, like: list[str]
+) -> list[str]:
+    """Whether ``role``'s last-layer probe is indistinguishable from the control's (appended to ``like``)."""
+    if probe is None or control is None:
+        return []
+    same = probe_indistinguishable(probe, control, _probe_margin(probe, control, ctx.tol))
+    like += [role] if same else []
+    verdict = "indistinguishable from" if same else "differs from"
+    return [f"{role.upper()}'s last-layer probe {probe.text()} {verdict} the untrained control's {control.text()}"]
 
 
 def _mim_best_layer(ctx: _Context, numbers: dict) -> Check:
     model = ctx.roles.mim
-    series = ctx.view.series(model, "linear_probe_top1", feature=_probe_feature(ctx.view, model))
+    feature = _probe_feature(ctx.view, model)
+    series = ctx.view.series(model, "linear_probe_top1", feature=feature)
     last = ctx.view.num_layers(model)
-    if len(series) < 2 or last not in series.layers:
+    if len(series) < 2 or last is None or last not in series.layers:
         return Check(None, f"per-layer linear probe not measured for MIM {model}")
-    scale = ctx.view.percent_scale("linear_probe_top1")
-    values, stderr = series.values * scale, series.stderr * scale
-    best = int(np.argmax(values))
-    at_last = int(np.flatnonzero(series.layers == last)[0])
-    numbers.update(mim_best_probe_layer=float(series.layers[best]), mim_best_probe=float(values[best]))
-    best_est, last_est = Estimate(values[best], stderr[best]), Estimate(values[at_last], stderr[at_last])
-    best_is_last = series.layers[best] == last
-    ok = not best_is_last and greater(best_est, last_est, ctx.tol)
-    failure = (
-        "MIM's best probe layer is its last"
-        if best_is_last
-        else f"MIM's best probe layer ({series.layers[best]}) is not clearly above its last "
-        "(difference within the stderr / relative margin)"
+    best_layer = int(series.layers[int(np.argmax(series.values))])
+    best, at_last = _probe_at(ctx.view, model, best_layer, feature), _probe_at(ctx.view, model, last, feature)
+    assert best is not None and at_last is not None
+    numbers.update(mim_best_probe_layer=float(best_layer), mim_best_probe=best.value)
+    text = (
+        f"MIM {model}'s best probe layer: {best_layer} of {last} ({best.text()} vs {at_last.text()} at the last layer)"
     )
-    return Check(
-        bool(ok),
-        f"MIM {model}'s best probe layer: {series.layers[best]} of {last} "
-        f"({values[best]:.1f}% vs {values[at_last]:.1f}% at the last layer)",
-        failure=failure,
+    if best_layer == last:
+        return Check(False, text, failure="MIM's best probe layer is its last")
+    return _probe_check(
+        best,
+        at_last,
+        _probe_margin(best, at_last, ctx.tol),
+        text,
+        failure=f"MIM's best probe layer ({best_layer}) is not clearly above its last "
+        "(difference within the relative margin)",
     )
 
 
-def _probe_vs_control(ctx: _Context, cl: Estimate | None, numbers: dict) -> Check:
-    control, _ = _probe(ctx, "control", "last")
-    numbers["control_last_probe"] = _value(control)
+def _probe_vs_control(ctx: _Context, cl: Probe | None, control: Probe | None) -> Check:
+    """CL's last-layer probe must beat the control's by more than ``probe_points`` (a worse CL never holds)."""
     if cl is None or control is None:
         return Check(None, "linear probe not measured for CL or the control")
-    above = cl.value - control.value > max(ctx.tol.probe_points, _margin(cl, control, ctx.tol))
-    return Check(
-        above,
-        f"CL last-layer probe {cl.value:.1f}% vs untrained control {control.value:.1f}% "
+    return _probe_check(
+        cl,
+        control,
+        ctx.tol.probe_points,
+        f"CL last-layer probe {cl.text()} vs untrained control {control.text()} "
         f"(must be > {ctx.tol.probe_points:g} points above)",
         failure="indistinguishable from the untrained control",
     )
@@ -472,16 +641,18 @@ def claim_layers(ctx: _Context) -> ClaimVerdict:
                 failure="CL's representation does not change later in depth than MIM's",
             )
         ]
-    notes = []
-    if control is not None and cl is not None:
-        same = indistinguishable(Estimate(cl, math.nan), Estimate(control, math.nan), ctx.tol)
+    notes, like = [], []
+    for role, centre in (("cl", cl), ("mim", mim)):
+        if control is None or centre is None:
+            continue
+        same = indistinguishable(Estimate(centre, math.nan), Estimate(control, math.nan), ctx.tol)
+        like += [role] if same else []
         notes.append(
-            f"CL's centre {cl:.2f} {'indistinguishable from' if same else 'differs from'} "
+            f"{role.upper()}'s centre {centre:.2f} {'indistinguishable from' if same else 'differs from'} "
             f"the untrained control's {control:.2f}"
         )
-    return _verdict(
-        6, "Which layers matter: later layers for CL, early layers for MIM (a proxy)", checks, numbers, notes
-    )
+    title = "Which layers matter: later layers for CL, early layers for MIM (a proxy)"
+    return _verdict(6, title, checks, numbers, notes, like)
 
 
 def claim_hybrid(ctx: _Context) -> ClaimVerdict:
@@ -489,24 +660,26 @@ def claim_hybrid(ctx: _Context) -> ClaimVerdict:
     if ctx.roles.hybrid is None:
         return ClaimVerdict(7, title, NOT_MEASURED, "no hybrid model given", {})
     numbers: dict = {}
-    probes = {role: _probe(ctx, role, "last")[0] for role in ("hybrid", "cl", "mim")}
+    probes = {role: _probe(ctx, role) for role in ("hybrid", "cl", "mim")}
     numbers.update({f"{role}_last_probe": _value(e) for role, e in probes.items()})
     checks: list[Check] = []
     hybrid, cl, mim = probes["hybrid"], probes["cl"], probes["mim"]
     if hybrid is None or cl is None or mim is None:
         checks.append(Check(None, _missing(ctx, "linear_probe_top1", probes)))
     else:
-        best = max(cl.value, mim.value)
+        best = max(cl, mim, key=lambda p: p.value)
         checks.append(
             Check(
-                hybrid.value >= best,
-                f"last-layer probe: hybrid {hybrid.value:.1f}% vs best of CL/MIM {best:.1f}%",
+                hybrid.value >= best.value,
+                f"last-layer probe: hybrid {hybrid.text()} vs best of CL/MIM {best.text()}",
                 failure="the hybrid does not beat both in linear probing",
             )
         )
     checks.append(_closer(ctx, "early", "mim", "cl", numbers))
     checks.append(_closer(ctx, "late", "cl", "mim", numbers))
-    return _verdict(7, title, checks, numbers)
+    like: list[str] = []
+    notes = _probe_like_control(ctx, "hybrid", hybrid, _probe(ctx, "control"), like)
+    return _verdict(7, title, checks, numbers, notes, like)
 
 
 def _closer(ctx: _Context, which: Range, near: str, far: str, numbers: dict) -> Check:
@@ -589,9 +762,11 @@ class ClaimsRecord:
             tolerance = Tolerance(**data.get("tolerance", {}))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{source}: not a vitscope claims file ({err})") from err
-        bad = [v.status for v in verdicts if v.status not in STATUSES]
-        if bad:
-            raise ValueError(f"{source}: unknown claim status {bad[0]!r}")
+        for v in verdicts:
+            try:
+                outcome_of(v.status)
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from None
         return cls(roles, verdicts, tolerance)
 
 
