@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("vitscope.commands.report", "re-render the HTML report from saved results"),
     "pretrain": ("vitscope.commands.pretrain", "pretrain a ViT: MoCo v3, SimMIM, MAE or the hybrid"),
     "finetune": ("vitscope.commands.finetune", "fine-tune a pretrained encoder for classification"),
+    "curves": ("vitscope.commands.curves", "plot tracked metrics of training runs against steps"),
     "demo": ("vitscope.commands.demo", "analyse the bundled models on Fashion-MNIST and print the verdict"),
 }
 

@@ -5,7 +5,8 @@
 - :mod:`.optim` — schedules, parameter groups, precision, one clipped step;
 - :mod:`.checkpoint` — weights with their card, train state, RNG states, the step log;
 - :mod:`.loop` — the one training loop;
-- :mod:`.trainer` — a pretraining run; :mod:`.finetuning` — a fine-tuning run.
+- :mod:`.trainer` — a pretraining run; :mod:`.finetuning` — a fine-tuning run;
+- :mod:`.tracking` — measurements while a run trains; :mod:`.curves`, :mod:`.curves_plot` — learning curves.
 """
 
 from vitscope.pretrain.finetuning import FinetuneConfig, FinetuneResult, finetune
