@@ -11,7 +11,8 @@ import importlib
 import importlib.util
 import sys
 
-from vitscope.commands.common import CommandError
+import vitscope
+from vitscope.commands.common import CommandError, DefaultsFormatter
 from vitscope.pretrain.loop import TrainingDiverged
 
 # name -> (module, one-line help). Modules are imported only when listed or run.
@@ -36,12 +37,17 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    parser = argparse.ArgumentParser(prog="vitscope", description="What do Vision Transformers learn?")
+    parser = argparse.ArgumentParser(
+        prog="vitscope",
+        description="What do Vision Transformers learn? --model takes a model spec KIND:TARGET in every command "
+        "(random:NAME, timm:NAME, file:PATH, mae:PATH, ...); analyze names each LABEL=SPEC.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitscope {vitscope.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, str] = {}
     for name, (module_name, help_text) in _available().items():
         module = importlib.import_module(module_name)
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter)
         module.configure(command_parser)
         modules[name] = module_name
     return parser, modules

@@ -417,7 +417,7 @@ def cross_model_cka(
     from tqdm import tqdm
 
     pair = CrossModelCKA(name_a, name_b, features=features, kernel=kernel)
-    for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
+    for batch in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         if len(batch.images) == 0:
             continue
         images, labels = batch.images.to(device), batch.labels.to(device)

@@ -114,8 +114,9 @@ def run_lockstep(
     seen = 0
     sampler = getattr(loader, "sampler", None)
     share = int(getattr(sampler, "world", 1) or 1)  # this process sees one batch in `share`: show the run's pace
-    bar = tqdm(total=getattr(loader, "total_images", None), desc=progress, unit="img", disable=progress is None,
-               leave=False, dynamic_ncols=True)  # fmt: skip
+    # disable=None: tqdm draws no bar when stderr is not a terminal (no carriage-return frames in logs)
+    bar = tqdm(total=getattr(loader, "total_images", None), desc=progress, unit="img", leave=False,
+               dynamic_ncols=True, disable=True if progress is None else None)  # fmt: skip
     with bar:
         for number, views in enumerate(as_batches(loader)):
             if skips is not None:

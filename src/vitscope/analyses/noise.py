@@ -128,7 +128,7 @@ def noise_robustness(
     masks: Tensor | None = None
     correct = torch.zeros(1 + num_bands, dtype=torch.long, device=device)  # clean, then each band; no per-batch sync
     total = 0
-    for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
+    for batch in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         if len(batch.images) == 0:
             continue
         if int(batch.labels.min()) < 0:  # the loader's labels, still on the CPU

@@ -315,7 +315,7 @@ def _train_probes(
     num_classes = weight.shape[-1]
     device = x.device
     step = 0
-    for _ in tqdm(range(config.epochs), desc=progress, disable=progress is None, leave=False):
+    for _ in tqdm(range(config.epochs), desc=progress, disable=True if progress is None else None, leave=False):
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
             idx = order[start : start + batch]

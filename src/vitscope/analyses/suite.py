@@ -534,7 +534,7 @@ def _tsne(
     )
     views = _load_all(test_set, test_choice.subset(picked))
     arrays = {}
-    for entry in tqdm(entries, desc="t-SNE", unit="model", leave=False):
+    for entry in tqdm(entries, desc="t-SNE", unit="model", leave=False, disable=None):
         images = views[entry.run.view].images.to(config.device)
         h, w = entry.run.capture.facts.grid_for((int(images.shape[-2]), int(images.shape[-1])))
         points = token_tsne(

@@ -19,6 +19,7 @@ from vitscope.commands.common import (
     non_negative_int,
     positive_int,
     require_device,
+    set_threads,
     skipped_summary,
     verdict_and_report,
 )
@@ -43,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="LABEL=SPEC",
-        help="a model to analyse, e.g. mae=mae:mae_pretrain_vit_base.pth or random=random:vit_small_patch16_224 "
-        "(repeatable; LABEL= may be left out)",
+        help="a model to analyse: a model spec KIND:TARGET as in every command, named LABEL= for the report, "
+        "e.g. mae=mae:mae_pretrain_vit_base.pth or random=random:vit_small_patch16_224 "
+        "(repeatable; LABEL= may be left out: then the file or model name)",
     )
     parser.add_argument("--data", required=True, help="data spec: fashion-mnist[:DIR], folder:DIR, ...")
     parser.add_argument(
@@ -62,14 +64,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=2000,
         help="train images for the linear probes (default: %(default)s)",
     )
-    parser.add_argument("--noise-images", type=positive_int, default=256, help="test images scored under noise")
+    parser.add_argument(
+        "--noise-images", type=positive_int, default=256, help="test images scored under noise (default: %(default)s)"
+    )
     parser.add_argument(
         "--noise-norm",
         type=non_negative_float,
         default=0.5,
         help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument(
         "--device",
         type=device_name,
@@ -85,8 +89,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics", default=None, help=f"comma-separated analyses (default: all): {','.join(ALL_ANALYSES)}"
     )
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--probe-epochs", type=positive_int, default=100)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice, probes and t-SNE")
+    parser.add_argument("--probe-epochs", type=positive_int, default=100, help="epochs of each linear probe")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own); 1 is fastest on a busy shared machine",
+    )
     parser.add_argument(
         "--workers",
         type=non_negative_int,
@@ -132,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     roles = roles_of(args, list(models))
     analyses = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     require_device(args.device)
+    set_threads(args.threads)
     env = init_distributed(args.device)  # one process, or the group torchrun describes
     config = AnalysisConfig(
         num_images=args.num_images,

@@ -15,12 +15,14 @@ from vitscope.models import load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="random:vit_tiny_patch16_224", help="model spec (default: %(default)s)")
+    parser.add_argument(
+        "--model", default="random:vit_tiny_patch16_224", metavar="SPEC", help="model spec, as in every command"
+    )
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: %(default)s)")
-    parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--num-images", type=positive_int, default=64)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--split", default="test", choices=["train", "test"], help="which split of --data")
+    parser.add_argument("--num-images", type=positive_int, default=64, help="images to pass (a stratified subset)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice")
 
 
 class LayerSummary:
@@ -31,7 +33,7 @@ class LayerSummary:
         self.shapes: dict[int, tuple[int, ...]] = {}
 
     def __call__(self, layer: LayerOutput) -> None:
-        row = self.sums.setdefault(layer.depth, {"n": 0.0, "norm": 0.0, "entropy": 0.0})
+        row = self.sums.setdefault(layer.depth, {"n": 0.0, "norm": 0.0, "entropy": 0.0})  # entropy NaN: no attention
         batch = layer.tokens.shape[0]
         row["n"] += batch
         row["norm"] += layer.spatial_tokens.float().norm(dim=-1).mean(dim=1).sum().item()
@@ -50,7 +52,9 @@ class LayerSummary:
             row = self.sums[depth]
             n = row["n"]
             shape = "x".join(str(s) for s in self.shapes[depth])
-            lines.append(f"{depth:>5}  {shape:>14}  {row['norm'] / n:>10.3f}  {row['entropy'] / n:>12.3f}")
+            entropy = row["entropy"] / n
+            shown = "—" if math.isnan(entropy) else f"{entropy:.3f}"  # depth 0 (patch embedding) has no attention
+            lines.append(f"{depth:>5}  {shape:>14}  {row['norm'] / n:>10.3f}  {shown:>12}")
         return "\n".join(lines)
 
 
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     summary, skips = LayerSummary(), SkipCounter()
     seen = 0
     torch.manual_seed(args.seed)
-    for batch in tqdm(loader, desc="capture", unit="batch"):
+    for batch in tqdm(loader, desc="capture", unit="batch", disable=None):
         skips.update(batch)
         if len(batch.images):
             capture.run(batch.images, summary)

@@ -23,6 +23,9 @@ __all__ = [
     "require_device",
     "check_roles",
     "json_object",
+    "ModelKwargs",
+    "DefaultsFormatter",
+    "add_warmup_arguments",
     "set_threads",
     "open_results",
     "print_skipped",
@@ -132,6 +135,71 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+class ModelKwargs(argparse.Action):
+    """``--model-kwargs``: a JSON object, or ``key=value`` items as timm's scripts take them
+    (``img_size=28 patch_size=4``; each value read as a Python literal, else kept as text). Items merge in order."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        kwargs.setdefault("nargs", "+")
+        kwargs.setdefault("default", {})
+        kwargs.setdefault("metavar", "KEY=VALUE")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        for item in [values] if isinstance(values, str) else list(values or []):
+            try:
+                merged.update(parse_model_kwargs(item))
+            except argparse.ArgumentTypeError as err:
+                parser.error(f"argument {option_string}: {err}")
+        setattr(namespace, self.dest, merged)
+
+
+def parse_model_kwargs(text: str) -> dict:
+    """One ``--model-kwargs`` item: a JSON object (``{"depth": 6}``) or ``key=value`` (``depth=6``)."""
+    import ast
+
+    if text.lstrip().startswith("{"):
+        return json_object(text)
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or a JSON object, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()
+    return {key.strip(): parsed}
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each flag's text with its default, unless the text already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = json.dumps(default) if isinstance(default, dict) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def add_warmup_arguments(group: argparse._ActionsContainer, *, default: str) -> None:
+    """``--warmup-steps`` and ``--warmup-epochs``: either one (argparse refuses both), ``default`` when neither."""
+    both = group.add_mutually_exclusive_group()
+    both.add_argument(
+        "--warmup-steps",
+        type=non_negative_int,
+        default=None,
+        help=f"linear warmup in optimizer steps (default: {default})",
+    )
+    both.add_argument(
+        "--warmup-epochs",
+        type=non_negative_float,
+        default=None,
+        help="linear warmup in epochs (steps = epochs × steps per epoch, rounded); or give --warmup-steps",
+    )
 
 
 def set_threads(threads: int | None) -> None:

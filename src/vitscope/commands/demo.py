@@ -41,10 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-images", type=positive_int, default=2000, help="probe train images (default: %(default)s)"
     )
-    parser.add_argument("--noise-images", type=positive_int, default=250)
-    parser.add_argument("--batch-size", type=positive_int, default=125)
+    parser.add_argument("--noise-images", type=positive_int, default=250, help="test images scored under noise")
+    parser.add_argument("--batch-size", type=positive_int, default=125, help="images per forward pass")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice, probes and t-SNE")
     parser.add_argument(
         "--resume", action="store_true", help="continue a stopped demo run in --out instead of starting again"
     )

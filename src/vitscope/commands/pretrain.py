@@ -11,10 +11,11 @@ import sys
 
 from vitscope.commands.common import (
     CommandError,
+    ModelKwargs,
+    add_warmup_arguments,
     device_name,
     finite_float,
     fraction,
-    json_object,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -29,32 +30,54 @@ AREA_FRACTION = finite_float(0.0, 1.0, low_open=True)  # a crop's area share: (0
 
 def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
-    g.add_argument("--method", required=True, choices=["moco", "simmim", "mae", "hybrid"])
+    g.add_argument(
+        "--method",
+        required=True,
+        choices=["moco", "simmim", "mae", "hybrid"],
+        help="objective: MoCo v3 (CL), SimMIM or MAE (MIM), or the hybrid of CL and MIM",
+    )
     g.add_argument(
         "--mim", default="simmim", choices=["simmim", "mae"], help="MIM half of the hybrid (default: %(default)s)"
     )
     g.add_argument(
         "--cl-weight", type=fraction, default=0.2, help="λ of the hybrid: (1−λ)·L_MIM + λ·L_CL (default: %(default)s)"
     )
-    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (optionally timm:NAME)")
+    g.add_argument(
+        "--model",
+        default="random:vit_tiny_patch16_224",
+        metavar="SPEC",
+        help="the untrained timm ViT to pretrain, as a model spec random:NAME (a bare NAME means the same)",
+    )
     g.add_argument(
         "--model-kwargs",
-        default="{}",
-        type=json_object,
-        help="JSON passed to timm.create_model, e.g. "
-        '\'{"img_size":28,"patch_size":4,"embed_dim":64,"depth":6,"num_heads":4}\'',
+        action=ModelKwargs,
+        help="options for timm.create_model, as key=value items (img_size=28 patch_size=4 depth=6) or a JSON object",
     )
     g.add_argument("--data", default="fashion-mnist", help="data spec; its train split is used (default: %(default)s)")
     g.add_argument(
         "--num-images", type=positive_int, default=None, help="train on a stratified subset of this many images"
     )
-    g.add_argument("--epochs", type=positive_float, default=None)
-    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument(
+        "--epochs",
+        type=positive_float,
+        default=None,
+        help="passes over the training images; with --resume, more than before extends a finished run",
+    )
+    g.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="optimizer steps (overrides --epochs); with --resume, more than before extends a finished run",
+    )
     g.add_argument("--batch-size", type=positive_int, default=256, help="per process (default: %(default)s)")
     g.add_argument(
         "--out", required=True, help="run directory (encoder.safetensors, encoder.json, train_state.pt, log.jsonl)"
     )
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its train_state.pt (also past its end: give more --epochs/--steps)",
+    )
     g.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps (and at the end)")
     g.add_argument(
         "--keep-every",
@@ -75,7 +98,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights, batches and masks")
     g.add_argument(
         "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
     )
@@ -83,9 +106,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast: auto = bf16 on CUDA, fp32 on CPU",
+        help="autocast: auto = bf16 on CUDA, fp32 on CPU (default: %(default)s)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when not on a terminal)")
     g.add_argument(
         "--threads",
         type=positive_int,
@@ -100,19 +123,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--blr", type=positive_float, default=1.5e-4, help="base learning rate per 256 images (default: %(default)s)"
     )
-    o.add_argument("--min-lr", type=non_negative_float, default=0.0)
+    o.add_argument("--min-lr", type=non_negative_float, default=0.0, help="learning rate at the end of the cosine")
     o.add_argument(
         "--weight-decay", type=non_negative_float, default=None, help="default: 0.1 for moco, 0.05 otherwise"
     )
-    o.add_argument("--warmup-steps", type=non_negative_int, default=None, help="default: 10%% of the steps")
+    add_warmup_arguments(o, default="10%% of the steps")
     o.add_argument(
         "--clip-grad", type=non_negative_float, default=3.0, help="max gradient norm; 0 disables (default: %(default)s)"
     )
     m = parser.add_argument_group("objective")
-    m.add_argument("--moco-dim", type=positive_int, default=256)
-    m.add_argument("--moco-mlp-dim", type=positive_int, default=1024)
+    m.add_argument("--moco-dim", type=positive_int, default=256, help="MoCo: output dimension of the projector")
+    m.add_argument("--moco-mlp-dim", type=positive_int, default=1024, help="MoCo: hidden dimension of its MLPs")
     m.add_argument("--moco-t", type=positive_float, default=0.2, help="temperature τ (default: %(default)s)")
-    m.add_argument("--moco-m", type=fraction, default=0.99, help="initial momentum, rising to 1 by cosine")
+    m.add_argument("--moco-m", type=fraction, default=0.99, help="MoCo: initial momentum, rising to 1 by cosine")
     m.add_argument("--freeze-patch-embed", action="store_true", help="MoCo v3's frozen random patch projection")
     m.add_argument("--mask-ratio", type=OPEN_FRACTION, default=None, help="in (0, 1); default: 0.6 SimMIM, 0.75 MAE")
     m.add_argument(
@@ -124,11 +147,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--no-norm-pix-loss", action="store_true", help="MAE: raw instead of per-patch normalised pixel targets"
     )
-    m.add_argument("--decoder-dim", type=positive_int, default=128)
-    m.add_argument("--decoder-depth", type=positive_int, default=2)
-    m.add_argument("--decoder-heads", type=positive_int, default=4)
+    m.add_argument("--decoder-dim", type=positive_int, default=128, help="MAE: decoder width")
+    m.add_argument("--decoder-depth", type=positive_int, default=2, help="MAE: decoder blocks")
+    m.add_argument("--decoder-heads", type=positive_int, default=4, help="MAE: decoder attention heads")
     m.add_argument(
-        "--crop-min-scale", type=AREA_FRACTION, default=None, help="random resized crop's lower area bound, in (0, 1]"
+        "--crop-min-scale",
+        type=AREA_FRACTION,
+        default=None,
+        help="random resized crop's lower area bound, in (0, 1] (default: the method's own)",
     )
 
 
@@ -154,7 +180,7 @@ def build_config(args: argparse.Namespace):
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)
     return TrainConfig(
-        arch=args.model,
+        arch=architecture(args.model),
         model_kwargs=args.model_kwargs,
         data=args.data,
         num_images=args.num_images,
@@ -166,6 +192,7 @@ def build_config(args: argparse.Namespace):
         min_lr=args.min_lr,
         weight_decay=weight_decay,
         warmup_steps=args.warmup_steps,
+        warmup_epochs=args.warmup_epochs,
         clip_grad=args.clip_grad or None,
         seed=args.seed,
         precision=args.precision,
@@ -178,6 +205,22 @@ def build_config(args: argparse.Namespace):
         resume=args.resume,
         progress=not args.no_progress,
         objective=objective,
+    )
+
+
+def architecture(spec: str) -> str:
+    """``--model`` of pretrain: ``random:NAME`` or a bare timm ``NAME`` (``timm:NAME`` of older runs is kept
+    as it was: its weights are never loaded); any other kind of spec is refused."""
+    kind, sep, name = spec.partition(":")
+    if not sep:
+        return spec
+    if kind == "random" and name:
+        return name
+    if kind == "timm" and name:
+        return spec
+    raise CommandError(
+        f"--model {spec}: pretrain starts from an untrained timm architecture; give random:NAME "
+        "(e.g. random:vit_tiny_patch16_224); to train further from weights, use finetune"
     )
 
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "load_encoder", "finetune", "evaluate_top1"]
 
-RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "track_every", "track_images"}
+RESUMABLE_CHANGES = {"resume", "progress", "save_every", "out", "device", "track_every", "track_images", "epochs"}
 MODEL_FILE, MODEL_CARD = "model.safetensors", "model.json"
 STATE_FORMAT = "vitscope-finetune-state-v1"
 
@@ -74,6 +74,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # when set, the warmup in optimizer steps (warmup_epochs ignored)
     min_lr: float = 1e-6
     clip_grad: float | None = 3.0
     drop_path: float = 0.1
@@ -109,6 +110,8 @@ class FinetuneConfig:
         check_number("FinetuneConfig", "label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         check_number("FinetuneConfig", "drop_path", self.drop_path, 0.0, 1.0, high_open=True)
         check_number("FinetuneConfig", "crop_min_scale", self.crop_min_scale, 0.0, 1.0, low_open=True)
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"FinetuneConfig.warmup_steps must be ≥ 0, got {self.warmup_steps}")
         if self.seed < 0:
             raise ValueError(f"FinetuneConfig.seed must be ≥ 0, got {self.seed}")
         check_training_device("FinetuneConfig.device", self.device)
@@ -259,7 +262,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
         raise ValueError(f"batch_size {cfg.batch_size} × {env.world} exceeds the {len(train_x)} training images")
     total = cfg.epochs * plan.steps_per_epoch
     lr = cfg.lr if cfg.lr is not None else cfg.blr * plan.global_batch / 256
-    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * plan.steps_per_epoch)
     model.to(env.device)
     optimizer = torch.optim.AdamW(
         layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=(0.9, 0.999)
@@ -272,6 +275,11 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
     if saved is not None:
         restore_train_state(state_path, saved, model=model, optimizer=optimizer, scaler=scaler)
         start, top1 = int(saved["step"]), list(saved["top1"])
+        if start > total:
+            raise ValueError(
+                f"{cfg.out}: the run is at step {start}, past the {total} steps of {cfg.epochs} epoch(s); "
+                "resume with at least as many --epochs as before"
+            )
         if env.is_main:
             truncate_log(out / LOG_FILE, start)
         del saved
@@ -303,7 +311,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> FinetuneResult:
         acc = evaluate_top1(model, test_x, test_y, size, mean, std, 256, env, amp_dtype)
         top1.append(acc)
         epoch = done // plan.steps_per_epoch
-        return {"epoch": epoch, "top1": acc}, f"epoch {epoch}/{cfg.epochs}: test top-1 {acc:.4f}"
+        return {"epoch": epoch, "top1": acc}, f"epoch {epoch}/{cfg.epochs}: test top-1 {100 * acc:.2f}%"
 
     def export(done: int) -> None:
         card = {**meta, "step": done, "top1": top1, "finetuned_from": cfg.model}

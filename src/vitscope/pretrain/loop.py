@@ -132,7 +132,8 @@ def _progress(start: int, total: int, enabled: bool, desc: str):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log file gets no carriage-return frames)
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None)
 
 
 def run_loop(

@@ -70,6 +70,8 @@ RESUMABLE_CHANGES = {
     "keep_every",
     "track_every",
     "track_images",
+    "epochs",  # more epochs or steps: a finished run continues to the longer schedule (see _warmup_steps)
+    "steps",
 }
 
 
@@ -89,7 +91,8 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int | None = None  # None: 10 % of the steps
+    warmup_steps: int | None = None  # None: warmup_epochs, else 10 % of the steps
+    warmup_epochs: float | None = None  # warmup in epochs (rounded to steps); give this or warmup_steps
     clip_grad: float | None = 3.0
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -126,6 +129,9 @@ class TrainConfig:
             check_number("TrainConfig", f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        check_number("TrainConfig", "warmup_epochs", self.warmup_epochs, 0.0)
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("TrainConfig: give warmup_steps or warmup_epochs, not both")
         if self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be ≥ 0, got {self.seed}")
         check_training_device("TrainConfig.device", self.device)
@@ -160,6 +166,25 @@ def _total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
     if total < 1:
         raise ValueError(f"the run has no steps (steps {cfg.steps}, epochs {cfg.epochs})")
     return total
+
+
+def _warmup_steps(cfg: TrainConfig, plan: BatchPlan, total: int, saved: dict | None) -> int:
+    """Warmup steps: as given (steps, or epochs rounded to steps), else 10 % of the run. A resumed run keeps the
+    warmup it was started with, so a schedule extended on resume (more --epochs/--steps) only stretches the
+    cosine; resuming below the steps already done is refused."""
+    if saved is not None and int(saved["step"]) > total:
+        raise ValueError(
+            f"{cfg.out}: the run is at step {saved['step']}, past the {total} steps asked for; "
+            "resume with at least as many --steps/--epochs as before"
+        )
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    if cfg.warmup_epochs is not None:
+        return round(cfg.warmup_epochs * plan.steps_per_epoch)
+    saved_schedule = (saved or {}).get("scheduler") or {}
+    if "warmup_steps" in saved_schedule:
+        return int(saved_schedule["warmup_steps"])
+    return total // 10
 
 
 def _timm_name(arch: str) -> str:
@@ -258,7 +283,7 @@ def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
     plan = BatchPlan(len(images), cfg.batch_size, env.world, cfg.seed)
     total = _total_steps(cfg, plan)
     lr = cfg.lr if cfg.lr is not None else cfg.blr * plan.global_batch / 256
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else total // 10
+    warmup = _warmup_steps(cfg, plan, total, saved)
     schedule = {"name": "warmup_cosine", "lr": lr, "min_lr": cfg.min_lr, "warmup_steps": warmup, "total_steps": total}
 
     objective.to(env.device)

@@ -69,7 +69,7 @@ def render_report(
         arrays = run_dir.load_arrays()
         claims = _claims_for(run_dir.path, results, verdicts, roles)
         saved = []
-        for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False):
+        for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False, disable=None):
             figure = save_figure(named, run_dir, svg=svg)
             saved.append((figure, figure.png.read_bytes()))
         run_dir.save_report(render_html(view, saved, claims))
