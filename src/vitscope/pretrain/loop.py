@@ -167,6 +167,7 @@ def run_loop(
     from vitscope.pretrain.checkpoint import LOG_FILE
 
     losses: list[float] = []
+    step_seconds = 0.0  # the steps' own time, for tracking's share
     last_saved = start
     completed = start  # steps done when Ctrl-C came
     with ExitStack() as stack:
@@ -200,7 +201,9 @@ def run_loop(
                     )
                 losses.append(loss)
                 done = completed = step + 1
-                rate = images_per_step / max(time.perf_counter() - tick, 1e-9)
+                seconds = time.perf_counter() - tick
+                step_seconds += seconds
+                rate = images_per_step / max(seconds, 1e-9)
                 if log is not None and (done % log_every == 0 or done == total):
                     _append(log, {"step": step, **record, "images_per_s": rate})
                     if tracker is not None:
@@ -227,6 +230,8 @@ def run_loop(
                 last_saved = done if saved else last_saved
                 if interrupted:
                     raise KeyboardInterrupt
+            if tracker is not None and step_seconds > 0:
+                (bar.write if bar is not None else print)(tracker.overhead(step_seconds))
         except OSError as err:
             reason = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
             kept = _kept(checkpointing, out, _saved_step(checkpointing.state_path, last_saved))

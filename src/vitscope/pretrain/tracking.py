@@ -258,6 +258,7 @@ class Tracker:
         self.writer = _summary_writer(out / TENSORBOARD_DIR, purge_step=start + 1 if start else None)
         self.start = start
         self.alert: str | None = None  # the last measurement's warnings, short, for the progress bar
+        self.measurements, self.seconds = 0, 0.0  # this process's measurements and their time
 
     def due(self, done: int) -> bool:
         """Measure before the first step (the untrained control) and every ``every`` steps."""
@@ -272,6 +273,7 @@ class Tracker:
             self.encoder, self.images, self.labels, metric_images=self.metric_images, dtype=self.dtype
         )
         seconds = time.perf_counter() - tick
+        self.measurements, self.seconds = self.measurements + 1, self.seconds + seconds
         if done == 0:
             warnings = []  # untrained: attention is near uniform by construction
         record = {
@@ -299,6 +301,13 @@ class Tracker:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(f"train/{key}", value, done)
+
+    def overhead(self, step_seconds: float) -> str:
+        """One line: the measurements' time as a share of the training steps' time."""
+        return (
+            f"tracking: {self.measurements} measurements took {self.seconds:.1f} s, "
+            f"{100 * self.seconds / step_seconds:.1f} % of the {step_seconds:.1f} s of training steps"
+        )
 
     def close(self) -> None:
         if self.writer is not None:
