@@ -67,6 +67,14 @@ def test_finetune_tracking_leaves_the_model_bit_identical(tmp_path: Path) -> Non
     records = _track_records(tmp_path / "tracked")
     assert [r["trained_steps"] for r in records] == [0, 4, 8, 12, 16]
     assert all(0.0 <= r["metrics"]["knn_top1"] <= 1.0 for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tracked" / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    top1 = json.loads((tmp_path / "tracked" / "metrics.json").read_text())["top1_per_epoch"]
+    assert [(s.step, s.value) for s in events.Scalars("eval/top1")] == [
+        (8 * (i + 1), pytest.approx(a)) for i, a in enumerate(top1)
+    ]
 
 
 def test_resumed_tracking_reads_back_from_tensorboard_as_logged(tmp_path: Path, monkeypatch) -> None:

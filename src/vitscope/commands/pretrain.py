@@ -98,6 +98,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
     )
+    g.add_argument(
+        "--track-data",
+        default=None,
+        help="data spec of the held-out images when tracking (default: --data's test split; a folder: spec "
+        "has no splits, so give the held-out folder here)",
+    )
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights, batches and masks")
     g.add_argument(
         "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
@@ -202,6 +208,7 @@ def build_config(args: argparse.Namespace):
         keep_every=args.keep_every,
         track_every=args.track_every,
         track_images=args.track_images,
+        track_data=args.track_data,
         resume=args.resume,
         progress=not args.no_progress,
         objective=objective,

@@ -223,6 +223,8 @@ def run_loop(
                     extra, message = report
                     if log is not None:
                         _append(log, {"step": step, **extra})
+                    if tracker is not None:
+                        tracker.log_step(done, extra, prefix="eval")
                     (bar.write if bar is not None else print)(message)
                 if tracker is not None and tracker.due(done):
                     _track(tracker, done, log, bar)

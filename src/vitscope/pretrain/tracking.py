@@ -15,8 +15,9 @@ and without tracking, bit for bit on CPU).
 Each measurement is one ``log.jsonl`` record (``"kind": "track"``, see :func:`Tracker.measure`) and
 scalars in TensorBoard event files under ``RUN/tensorboard/`` (``torch.utils.tensorboard``; skipped with
 a one-line note when the ``tensorboard`` package is missing: ``pip install vitscope[track]``), where
-the step records' loss, learning rate and gradient norm go too. Warnings (in the record and on the
-progress bar; not for the untrained control) name the metric and the threshold:
+the step records' loss, learning rate and gradient norm go too (``train/``; fine-tuning's top-1:
+``eval/``). Warnings (in the record and on the progress bar; not for the untrained control) name the
+metric and the threshold:
 
 - attention near uniform: a late-block head whose mean row entropy is at least
   :data:`UNIFORM_ENTROPY_SHARE` × log N (N spatial keys), when at least half the late heads are;
@@ -294,13 +295,14 @@ class Tracker:
         lines = [f"warning after {done} steps: {w}" for w in warnings]
         return record, _summary_line(done, values), lines
 
-    def log_step(self, done: int, record: dict[str, Any]) -> None:
-        """The scalars of a step record (loss, lr, grad_norm, ...) under ``train/``."""
+    def log_step(self, done: int, record: dict[str, Any], prefix: str = "train") -> None:
+        """The scalars of a step record (loss, lr, grad_norm, ...) under ``train/``; fine-tuning's
+        evaluation (top1) under ``eval/``."""
         if self.writer is None:
             return
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"train/{key}", value, done)
+                self.writer.add_scalar(f"{prefix}/{key}", value, done)
 
     def overhead(self, step_seconds: float) -> str:
         """One line: the measurements' time as a share of the training steps' time."""

@@ -105,6 +105,7 @@ class TrainConfig:
     log_every: int = 1
     track_every: int | None = None  # measure the encoder on held-out images every N steps (and at step 0)
     track_images: int = 64  # held-out images of the per-token suite (the kNN probe uses 512)
+    track_data: str | None = None  # the held-out images' data spec (default: ``data``'s test split)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
@@ -341,7 +342,7 @@ def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
             objective.encoder,
             out,
             every=cfg.track_every,
-            data=cfg.data,
+            data=cfg.track_data or cfg.data,
             seed=cfg.seed,
             mean=mean,
             std=std,
