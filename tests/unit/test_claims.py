@@ -417,3 +417,57 @@ def test_mim_probing_like_the_control_qualifies_separability():
         "MIM's last-layer probe 55.0% [" in v.evidence
         and "indistinguishable from the untrained control's 55.0%" in v.evidence
     )
+
+
+# -- each part of each rule decides ------------------------------------------------------------------
+def test_the_stderr_part_of_the_margin_decides_when_it_exceeds_the_relative_part():
+    # late distance CL 5.5 vs MIM 5.0 px: 0.5 px is over 5 % of 5.5 (0.275) ...
+    overrides = {("cl", "attention_distance"): [9.0, 8.0, 7.0, 6.0, 5.5, 5.5]}
+    overrides[("mim", "attention_distance")] = [9.0, 8.0, 7.0, 6.0, 5.0, 5.0]
+    assert verdicts(overrides=overrides, stderrs={("cl", "attention_distance"): 0.05})[1].status == HOLDS
+    # ... but under 2·√(0.3² + 0.3²) = 0.85 px when both stderrs are 0.3
+    noisy = {("cl", "attention_distance"): 0.3, ("mim", "attention_distance"): 0.3}
+    v = verdicts(overrides=overrides, stderrs=noisy)[1]
+    assert v.status == FAILS and "within the stderr / relative margin" in v.evidence
+    # 2 stderrs, not 1: with stderr 0.2 each the margin is 2·0.283 = 0.57 > 0.5, while 1·0.283 < 0.5
+    v = verdicts(overrides=overrides, stderrs={("cl", "attention_distance"): 0.2, ("mim", "attention_distance"): 0.2})
+    assert v[1].status == FAILS
+
+
+def test_the_stderr_margin_makes_a_role_indistinguishable_from_the_control():
+    # CL's late NMI 0.045 vs the control's 0.01: distinct with small stderrs, not with 0.03 each
+    assert verdicts(control="control")[2].status == HOLDS
+    v = verdicts(control="control", stderrs={("cl", "nmi"): 0.03, ("control", "nmi"): 0.03})[2]
+    assert v.status == "holds, but CL ≈ untrained"
+
+
+def test_a_range_stderr_is_the_mean_of_its_layers_stderrs():
+    from vitscope.report.claims import _mean
+    from vitscope.report.series import Series
+
+    series = Series(np.array([5, 6]), np.array([2.0, 4.0]), np.array([0.1, 0.5]))
+    est = _mean(series)
+    assert est.value == pytest.approx(3.0) and est.stderr == pytest.approx(0.3)
+    assert math.isnan(_mean(Series(np.array([5, 6]), np.array([2.0, 4.0]), np.array([0.1, np.nan]))).stderr)
+
+
+def test_thirds_round_rather_than_floor():
+    # L = 5: 5/3 = 1.67 → 2 blocks (floor would give 1); L = 8: 2.67 → 3
+    assert thirds(5) == ([1, 2], [4, 5])
+    assert thirds(8) == ([1, 2, 3], [6, 7, 8])
+
+
+def test_band_shares_round_the_third_of_five_bands_to_two():
+    # 5 bands: k = round(5/3) = 2 (floor would take 1 band)
+    assert band_shares(np.array([1.0, 1.0, 0.0, 1.0, 1.0])) == pytest.approx((0.5, 0.5))
+
+
+def test_peaked_rows_use_the_attention_keys_of_the_last_attending_block():
+    # windowed attention of 2×2 = 4 keys: log 4 = 1.39, so 1.35 nats is near-uniform (≥ 0.95·log 4 = 1.32),
+    # although it is far below log 16 = 2.77 of the whole grid
+    results = make_results(("cl", "mim"), overrides={("cl", "attention_entropy"): [1.35] * L})
+    assert {v.claim_id: v for v in evaluate_claims(results, "cl", "mim")}[2].status == HOLDS
+    results.meta["models"]["cl"]["attention_keys"] = [None] + [16] * (L - 1) + [4]
+    v = {v.claim_id: v for v in evaluate_claims(results, "cl", "mim")}[2]
+    assert v.status == FAILS and v.numbers["log_n"] == pytest.approx(math.log(4))
+    assert "vs log N 1.39" in v.evidence
