@@ -156,3 +156,21 @@ def test_collapsed_embeddings_warn_naming_metric_and_threshold() -> None:
     assert values["embedding_spread"] < SPREAD_FLOOR
     assert any(w.startswith("embedding collapse: embedding_spread") and f"< {SPREAD_FLOOR}" in w for w in warnings)
     assert any("attention_entropy ≥ 0.98·log N" in w for w in warnings)  # untrained: near uniform
+
+
+def test_tracking_switched_on_at_resume_measures_from_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    args = pretrain_args(run, method="mae", steps=4, save_every=2)
+    real, calls = trainer.backward_and_step, {"n": 0}
+
+    def interrupted_in_step_4(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer, "backward_and_step", interrupted_in_step_4)
+    assert main(args) == 130
+    monkeypatch.setattr(trainer, "backward_and_step", real)
+    assert main([*args, "--resume", "--track-every", "2"]) == 0
+    assert [r["trained_steps"] for r in _track_records(run)] == [2, 4]

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitscope.pretrain.curves import log_points
+
 __all__ = [
     "TRACK_METRICS",
     "TRACK_KIND",
@@ -257,13 +259,14 @@ class Tracker:
         self.steps_per_epoch = steps_per_epoch
         self.images, self.labels = held_out_images(data, max(images, probe_images), seed, size, mean, std)
         self.writer = _summary_writer(out / TENSORBOARD_DIR, purge_step=start + 1 if start else None)
-        self.start = start
+        self.logged = {p["trained_steps"] for p in log_points(out)}  # measured before a resume: not repeated
         self.alert: str | None = None  # the last measurement's warnings, short, for the progress bar
         self.measurements, self.seconds = 0, 0.0  # this process's measurements and their time
 
     def due(self, done: int) -> bool:
-        """Measure before the first step (the untrained control) and every ``every`` steps."""
-        return done % self.every == 0 and not (done == self.start and done > 0)  # a resumed run has it logged
+        """Measure before the first step (the untrained control) and every ``every`` steps, unless the
+        run's log already holds that measurement (a resumed run)."""
+        return done % self.every == 0 and done not in self.logged
 
     def measure(self, done: int) -> tuple[dict[str, Any], str, list[str]]:
         """One measurement after ``done`` steps: its log.jsonl record (``step`` = done − 1, as the step
