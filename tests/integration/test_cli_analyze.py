@@ -92,11 +92,13 @@ def test_analyze_writes_every_file(run_dir):
     assert len(meta["skipped"]) == 2 and meta["models"]["cl"]["num_layers"] == 2
     assert {"versions", "seed", "wall_time_s", "data", "num_images"} <= set(meta)
     figures = {p.stem for p in (out / "figures").glob("*.png")}
-    assert {"attention_distance", "nmi", "linear_probe", "noise_robustness", "cka_cl_vs_mim"} <= figures
+    assert {"attention_distance", "nmi", "linear_probe", "noise_robustness", "cka"} <= figures
     assert {p.stem for p in (out / "figures").glob("*.svg")} == figures
     with np.load(out / "arrays.npz") as arrays:
-        assert arrays["cl/attention_maps"].shape == (2, 3, 4, 4)
+        assert arrays["cl/attention_rows"].shape == (3, 2, 4, 16, 16)  # images, blocks, heads, N, N
+        assert arrays["cl/attention_blocks"].tolist() == [1, 2]
         assert arrays["example_image"].shape == (3, 32, 32)
+        assert arrays["example_images"].shape == (3, 32, 32, 3)
 
 
 def test_analyze_csv_equals_python_api(run_dir):

@@ -91,3 +91,64 @@ def test_screenshot_of_the_report(report_dir, tmp_path):
     header = pixels[:60, :, :].mean(axis=(0, 1))  # the dark blue page header (#1f3b57)
     np.testing.assert_allclose(header, [0x1F, 0x3B, 0x57], atol=25)
     assert pixels.std() > 20  # text, tables and figures, not a blank page
+
+
+# Drive the attention explorer as a user would (click a patch, choose a head, a block, an image, hide a
+# model) and record what every canvas shows after each step.
+DRIVE = """<script>
+window.addEventListener('load', () => {
+  const canvases = () => Array.from(document.querySelectorAll('#ex-panels canvas.ex-map'));
+  const drawn = () => Object.fromEntries(canvases().map(c => [c.dataset.model, c.toDataURL()]));
+  const captions = () => Array.from(document.querySelectorAll('#ex-panels .ex-caption')).map(c => c.textContent);
+  const choose = (id, value, kind) => {
+    const control = document.getElementById(id);
+    control.value = value;
+    control.dispatchEvent(new Event(kind));
+  };
+  const steps = {labels: canvases().map(c => c.dataset.model)};
+  steps.start = drawn();
+  steps.startCaptions = captions();
+  const first = canvases()[0], box = first.getBoundingClientRect();
+  first.dispatchEvent(new MouseEvent('click', {bubbles: true, clientX: box.left + 0.1 * box.width,
+                                               clientY: box.top + 0.9 * box.height}));
+  steps.query = drawn();
+  steps.queryCaptions = captions();
+  choose('ex-head', '1', 'change');
+  steps.head = drawn();
+  steps.headCaptions = captions();
+  choose('ex-block', '1', 'input');
+  steps.block = drawn();
+  choose('ex-image', '1', 'change');
+  steps.image = drawn();
+  const toggle = document.querySelector('.ex-toggle input');
+  toggle.checked = false;
+  toggle.dispatchEvent(new Event('change'));
+  steps.hidden = Array.from(document.querySelectorAll('#ex-panels .ex-panel'))
+    .filter(p => p.style.display === 'none').map(p => p.querySelector('canvas').dataset.model);
+  const out = document.createElement('pre');
+  out.id = 'vitscope-explorer';
+  out.textContent = JSON.stringify(steps);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_attention_explorer_redraws_for_query_head_block_image_and_model(report_dir, tmp_path):
+    page = (report_dir / "report.html").read_text()
+    driven = tmp_path / "report_driven.html"
+    driven.write_text(page.replace("</body>", DRIVE + "</body>"))
+    result = chromium(tmp_path, "--window-size=1400,1200", "--dump-dom", driven.as_uri())
+    found = re.search(r'<pre id="vitscope-explorer">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no explorer output; chromium stderr: {result.stderr[-2000:]}"
+    steps = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert steps["labels"] == ["cl", "mim", "control", "hybrid"]  # the ViTs; no global maps for Swin, ResNet
+    models = steps["labels"]
+    assert len(set(steps["start"].values())) == len(models)  # each model its own map for the same query
+    # the query starts at the grid's centre (4×4 grid: patch (2, 2)); the click moves it to the lower left
+    assert all("query (2, 2)" in c and "block 3 · mean over heads" in c for c in steps["startCaptions"])
+    assert all("query (3, 0)" in c for c in steps["queryCaptions"])
+    assert all("head 2" in c for c in steps["headCaptions"])
+    for before, after in (("start", "query"), ("query", "head"), ("head", "block"), ("block", "image")):
+        changed = [m for m in models if steps[before][m] != steps[after][m]]
+        assert changed == models, f"{before} → {after}: only {changed} redrawn differently"
+    assert steps["hidden"] == ["cl"]

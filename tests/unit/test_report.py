@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 
 from tests.support.results import (
     GRID,
@@ -23,9 +24,17 @@ from tests.support.results import (
     only,
     write_results_dir,
 )
-from tests.support.runs import MODELS, rendered_report_dir
+from tests.support.runs import rendered_report_dir
 from vitscope.report import SECTIONS, render_report
-from vitscope.report.figures import build_figures, fig_attention_maps, fig_cka, layer_curve, model_colors
+from vitscope.report.figures import (
+    build_figures,
+    fig_attention_maps,
+    fig_cka,
+    fig_probe,
+    layer_curve,
+    model_colors,
+    spectrum_limits,
+)
 from vitscope.report.series import ResultView
 from vitscope.results import RunDirectory
 
@@ -48,8 +57,7 @@ EXPECTED_FIGURES = (
         "tsne",
         "residual_ratio",
     ]
-    + [f"cka_{a}_vs_{b}" for i, a in enumerate(MODELS) for b in list(MODELS)[i:]]
-    + [f"attention_maps_{m}" for m in VIT]
+    + ["cka"]  # one grid of every pair
     + [f"localisation_{m}" for m in VIT]
 )
 ALL_SECTION_IDS = ["summary", "claims"] + [s.id for s in SECTIONS]
@@ -82,14 +90,35 @@ def test_report_has_every_section_and_embeds_every_figure(report_dir):
     embedded = {base64.b64decode(s) for s in sources}
     on_disk = {(report_dir / "figures" / f"{k}.png").read_bytes() for k in EXPECTED_FIGURES}
     assert embedded == on_disk
-    for section in SECTIONS:  # each analysis section explains how to read it and shows its figure
+    for section in SECTIONS:  # each analysis section explains how to read it, names the paper, shows its figure
         body = page.split(f'<section id="{section.id}">')[1].split("</section>")[0]
-        assert "How to read it." in body and "<img" in body and "Not measured" not in body
+        assert "How to read it." in body and "In the papers:" in body and "Not measured" not in body
+        assert ('id="explorer"' if section.id == "attention-maps" else "<img") in body
+
+
+def test_explorer_embeds_the_runs_maps_and_images(report_dir):
+    page = (report_dir / "report.html").read_text()
+    found = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page, re.S)
+    assert found
+    data = json.loads(found.group(1))
+    arrays = RunDirectory(report_dir).load_arrays()
+    assert [m["label"] for m in data["models"]] == ["cl", "mim", "control", "hybrid"]  # Swin: windows; ResNet: none
+    for model in data["models"]:
+        rows = np.frombuffer(base64.b64decode(model["rows"]), np.uint8)
+        np.testing.assert_array_equal(rows, arrays[f"{model['label']}/attention_rows"].ravel())
+        peaks = np.frombuffer(base64.b64decode(model["peaks"]), "<f4")
+        np.testing.assert_array_equal(peaks, arrays[f"{model['label']}/attention_peaks"].astype(np.float32).ravel())
+        assert model["grid"] == [4, 4] and model["blocks"] == [1, 2, 3] and model["heads"] == 4
+    pixels = np.frombuffer(base64.b64decode(data["images"]["rgb"]), np.uint8)
+    np.testing.assert_array_equal(pixels, arrays["example_images"][: data["models"][0]["count"]].ravel())
 
 
 def test_report_is_self_contained(report_dir):
     page = (report_dir / "report.html").read_text()
-    assert not re.search(r"<(script|link|iframe)\b", page)
+    assert not re.search(r"<(link|iframe)\b", page)
+    scripts = re.findall(r"<script\b([^>]*)>", page)
+    assert scripts == [' type="application/json" id="explorer-data"', ""]  # the explorer's data and code, inline
+    assert not re.search(r"\b(fetch|XMLHttpRequest|import)\s*\(", page)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "url(" not in page
 
@@ -155,15 +184,54 @@ def test_entropy_figure_draws_log_n_and_models_keep_their_colour():
                 assert line.get_color() == colors[line.get_label()]
 
 
-def test_cka_heatmap_holds_the_hand_made_matrix():
+def test_cka_grid_holds_the_hand_made_matrices():
     view = ResultView(make_results(("cl", "resnet")))
-    figures = {f.key: f for f in fig_cka(view, {}, model_colors(view.models()))}
-    assert sorted(figures) == ["cka_cl_vs_cl", "cka_cl_vs_resnet"]
-    shown = figures["cka_cl_vs_resnet"].figure.axes[0].images[0].get_array()
+    (named,) = fig_cka(view, {}, model_colors(view.models()))
+    panels = {ax.get_label(): ax for ax in named.figure.axes if ax.get_label().startswith("cka:")}
+    assert sorted(panels) == ["cka:cl:cl", "cka:cl:resnet"]  # one grid; resnet × resnet was not measured
+    shown = panels["cka:cl:resnet"].images[0].get_array()
     expected = np.zeros((L + 1, 5))
     for row in cka_rows("cl", "resnet", L, 4):
         expected[row["layer"], row["other_layer"]] = row["value"]
     np.testing.assert_allclose(np.asarray(shown), expected)
+
+
+def test_roles_keep_their_colour_whatever_the_labels_and_order():
+    first = model_colors(["a", "b", "c", "extra"], {"cl": "a", "mim": "b", "control": "c"})
+    second = model_colors(["extra", "z", "y"], {"mim": "z", "cl": "y"})
+    assert first["a"] == second["y"] == to_rgba("tab:blue") and first["b"] == second["z"] == to_rgba("tab:orange")
+    assert first["c"] == to_rgba("tab:gray") and first["extra"] == second["extra"]  # by label, run to run
+    assert len(set(model_colors([f"m{i}" for i in range(6)]).values())) == 6
+
+
+def test_depth_axes_name_the_patch_embedding_only_where_drawn_and_cnns_get_stages():
+    results = make_results(("cl", "resnet"))
+    figures = {f.key: f.figure for f in build_figures(ResultView(results), {})}
+    (distance,) = figures["attention_distance"].axes  # blocks 1..L only: no 0
+    assert distance.get_xlabel() == "depth (block)"
+    vit_ax, cnn_ax = figures["token_cosine"].axes[:2]  # 0..L; the ResNet on its own stage axis
+    assert vit_ax.get_xlabel() == "depth (block; 0 = patch embedding)" and cnn_ax.get_xlabel() == "depth (stage)"
+    assert [line.get_label() for line in vit_ax.lines] == ["cl"]
+    assert [line.get_label() for line in cnn_ax.lines] == ["resnet"]
+
+
+def test_singular_value_axis_is_not_squashed_by_a_rank_floor():
+    spectra = [np.array([10.0, 3.0, 1.0, 1e-12]), np.array([8.0, 0.5, 0.05, 0.01])]
+    assert spectrum_limits(spectra) == (0.005, 20.0)
+
+
+def test_probe_band_is_the_binomial_interval_over_the_rows_n():
+    results = make_results(("cl",))
+    rows = [r for r in results.rows if r["metric"] == "linear_probe_top1"]
+    for r in rows:
+        r["value"], r["n"], r["stderr"] = 75.0, 40, None  # as real runs write them: percent, n images
+    (named,) = fig_probe(ResultView(results), {}, model_colors(["cl"]))
+    band = named.figure.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    p, n, z = 0.75, 40, 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)  # the Wilson score interval, by hand
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert band.min() == pytest.approx(100 * (centre - half), abs=1e-3)
+    assert band.max() == pytest.approx(100 * (centre + half), abs=1e-3)
 
 
 def test_attention_maps_mosaic_puts_each_map_in_its_cell():

@@ -1,4 +1,9 @@
-"""Attention maps to look at: the head-averaged attention of a few query tokens of one image, per block."""
+"""Attention maps to explore: every head's attention of every query token, per block, for the first few images.
+
+Kept compactly for the report's attention explorer: each attention row (one query's distribution over
+the h·w keys) is quantised to uint8 relative to its own maximum, and the maximum is kept as float16, so
+a row costs N + 2 bytes instead of 4·N (dequantised: ``rows / 255 * peaks``; error ≤ peak / 510).
+"""
 
 from __future__ import annotations
 
@@ -9,57 +14,85 @@ from torch import Tensor
 from vitscope.analyses.reducer import Reducer
 from vitscope.capture import LayerOutput
 
-__all__ = ["AttentionMaps"]
+__all__ = ["AttentionMaps", "MAX_MAP_TOKENS", "quantise_rows"]
+
+MAX_MAP_TOKENS = 1024  # blocks attending over more spatial tokens (a 32×32 grid) are not stored: N² per head
+
+
+def quantise_rows(attn: Tensor) -> tuple[Tensor, Tensor]:
+    """attn [..., N] (rows of attention) -> (uint8 [..., N] scaled to each row's maximum, float16 peaks [...])."""
+    attn = attn.float()
+    peaks = attn.amax(dim=-1)
+    scaled = attn / peaks.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    return (scaled * 255).round().clamp(0, 255).to(torch.uint8), peaks.half()
 
 
 class AttentionMaps(Reducer):
-    """Head-averaged spatial attention of a few query tokens of the run's first image, per block.
+    """Per-head spatial attention [H, N, N] of the run's first ``num_images`` images, per global-attention block.
 
-    Keeps [L, Q, h, w] floats (Q ≤ 4 query positions spread over the grid: centre first). The first
-    image is the one at run-wide position 0, whichever process sees it.
+    Images are the run-wide positions 0..num_images−1, whichever process sees them. Blocks that attend
+    within windows (Swin, SAM) or on a grid other than the first attending block's, or over more than
+    :data:`MAX_MAP_TOKENS` tokens, are left out (``attention_blocks`` lists the depths kept).
     """
 
-    def __init__(self, num_queries: int = 3) -> None:
-        self.num_queries = num_queries
-        self.maps: list[Tensor] = []
-        self.queries: list[tuple[int, int]] = []
-        self._active = True
+    def __init__(self, num_images: int = 2) -> None:
+        self.num_images = num_images
+        self.quantised: dict[int, dict[int, Tensor]] = {}  # image -> depth -> uint8 [H, N, N]
+        self.peaks: dict[int, dict[int, Tensor]] = {}  # image -> depth -> float16 [H, N]
+        self.grid: tuple[int, int] | None = None
+        self._take: list[tuple[int, int]] = []  # (index in batch, run-wide image index)
 
     def begin_batch(self, images: Tensor, labels: Tensor) -> None:
-        self._active = not self.maps and self.image_offset == 0
+        last = min(len(images), self.num_images - self.image_offset)
+        self._take = [(i, self.image_offset + i) for i in range(max(last, 0))]
 
     def update(self, layer: LayerOutput) -> None:
         attn = layer.spatial_attn
-        if not self._active or attn is None:
+        if not self._take or attn is None or layer.window is not None:
             return
         h, w = layer.grid
-        if not self.queries:
-            spots = [(h // 2, w // 2), (h // 4, w // 4), (3 * h // 4, 3 * w // 4), (h // 4, 3 * w // 4)]
-            self.queries = spots[: self.num_queries]
-        if layer.window is not None:  # attention within windows: no whole-grid map to show (drawn blank)
-            self.maps.append(torch.full((len(self.queries), h, w), float("nan")))
+        if self.grid is None:
+            self.grid = (h, w)
+        if (h, w) != self.grid or h * w > MAX_MAP_TOKENS:
             return
-        rows = torch.tensor([r * w + c for r, c in self.queries], device=attn.device)
-        self.maps.append(attn[0].float().mean(dim=0)[rows].reshape(len(rows), h, w).cpu())
+        for index, image in self._take:
+            rows, peaks = quantise_rows(attn[index].detach())
+            self.quantised.setdefault(image, {})[layer.depth] = rows.cpu()
+            self.peaks.setdefault(image, {})[layer.depth] = peaks.cpu()
 
     def end_batch(self) -> None:
-        self._active = False
+        self._take = []
 
     def state(self) -> dict:
-        return {"maps": self.maps, "queries": self.queries}
+        return {"quantised": self.quantised, "peaks": self.peaks, "grid": self.grid}
 
     def merge(self, states: list[dict]) -> None:
         for state in states:
-            if not self.maps and state["maps"]:
-                self.maps, self.queries = state["maps"], [tuple(q) for q in state["queries"]]
+            if "quantised" not in state:  # a checkpoint of the earlier head-averaged maps: nothing to explore
+                continue
+            for image, by_depth in state["quantised"].items():
+                self.quantised.setdefault(int(image), {}).update(by_depth)
+                self.peaks.setdefault(int(image), {}).update(state["peaks"][image])
+            if self.grid is None and state["grid"] is not None:
+                self.grid = (int(state["grid"][0]), int(state["grid"][1]))
 
     def restore(self, snapshot: dict, device: str | torch.device = "cpu") -> None:
         self.merge([snapshot])  # the maps stay on the CPU, where update() puts them
 
     def arrays(self, label: str) -> dict[str, np.ndarray]:
-        if not self.maps:
+        """``LABEL/attention_rows`` uint8 [I, B, H, N, N], ``LABEL/attention_peaks`` float16 [I, B, H, N],
+        ``LABEL/attention_blocks`` [B] (depths 1..L), ``LABEL/attention_grid`` [2] (h, w)."""
+        images = sorted(self.quantised)
+        if not images or self.grid is None:
             return {}
+        depths = sorted(set.intersection(*(set(self.quantised[i]) for i in images)))
+        if not depths:
+            return {}
+        rows = [torch.stack([self.quantised[i][d] for d in depths]) for i in images]
+        peaks = [torch.stack([self.peaks[i][d] for d in depths]) for i in images]
         return {
-            f"{label}/attention_maps": torch.stack(self.maps).numpy(),
-            f"{label}/query_positions": np.array(self.queries, dtype=np.int64),
+            f"{label}/attention_rows": torch.stack(rows).numpy(),
+            f"{label}/attention_peaks": torch.stack(peaks).numpy(),
+            f"{label}/attention_blocks": np.array(depths, dtype=np.int64),
+            f"{label}/attention_grid": np.array(self.grid, dtype=np.int64),
         }

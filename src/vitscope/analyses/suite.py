@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -71,7 +71,7 @@ _COUNTS = (
     "probe_epochs",
     "tsne_classes",
     "tsne_per_class",
-    "attention_queries",
+    "attention_images",
 )
 
 
@@ -88,6 +88,8 @@ class AnalysisConfig:
         analyses: names from :data:`ALL_ANALYSES`; None = all.
         num_workers: data loader worker processes; None: 0 on the CPU, up to 8 per process on a GPU (image
             decoding must keep up with it).
+        attention_images: test images (the first ones) whose per-head attention maps are kept for the
+            report's attention explorer (uint8 rows: images × blocks × heads × N² bytes per model).
         precision: ``fp32``, or ``bf16`` for a bfloat16 autocast forward pass (every metric is still
             accumulated in float32/float64; docs/metrics.md states the error it adds).
     """
@@ -104,7 +106,7 @@ class AnalysisConfig:
     probe_epochs: int = 100
     tsne_classes: int = 4
     tsne_per_class: int = 4
-    attention_queries: int = 3
+    attention_images: int = 3
     num_workers: int | None = None
     precision: str = "fp32"
 
@@ -192,7 +194,7 @@ def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisCon
         if "cka" in wanted:
             reducers.append(CKAReducer())
         if "attention_maps" in wanted and facts.kind == "vit":
-            entry.maps = AttentionMaps(config.attention_queries)
+            entry.maps = AttentionMaps(config.attention_images)
             reducers.append(entry.maps)
         if "localisation" in wanted and facts.kind == "vit":
             entry.localisation = SpatialLocalisation(depth=facts.num_layers)
@@ -405,7 +407,10 @@ def analyze(
         with saved.stage("t-SNE"):
             tsne = _once(saved, "tsne", lambda: _tsne(entries, test_set, test_choice, config), "t-SNE: done")
         arrays.update({key: np.asarray(value) for key, value in tsne.items()})
-    arrays.update(_example_image(entries, test_set, test_choice))
+        class_names = getattr(test_set, "classes", None) or ()
+        if class_names:  # class index -> name, for the figures' legends
+            arrays["class_names"] = np.array([str(name) for name in class_names])
+    arrays.update(_example_images(entries, test_set, test_choice, config.attention_images))
 
     results.meta = RunMeta(
         models={entry.label: model_meta(entry.run, entry.model, spec=entry.spec, images=seen) for entry in entries},
@@ -551,19 +556,27 @@ def _tsne(
     return arrays
 
 
-def _example_image(entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice) -> dict[str, np.ndarray]:
-    """The first readable test image (the one the attention maps show), de-normalised to [0, 1]."""
+def _example_images(
+    entries: list[_Model], test_set: Dataset, test_choice: StratifiedChoice, count: int
+) -> dict[str, np.ndarray]:
+    """The first ``count`` readable test images (those the attention maps show), de-normalised:
+    ``example_images`` uint8 [I, H, W, 3] and, for the static figures, ``example_image`` float [3, H, W] in [0, 1]."""
     if not entries:
         return {}
-    image = None
+    images: list[Tensor] = []
     for start in range(0, len(test_choice), 16):
         views = _load_all(test_set, test_choice.subset(np.arange(start, min(start + 16, len(test_choice)))))
-        if len(views[0].images):
-            image = views[entries[0].run.view].images[0]
+        images.extend(views[entries[0].run.view].images[: count - len(images)])
+        if len(images) >= count:
             break
-    if image is None:
+    if not images:
         return {}
     mean_values, std_values = input_normalisation(entries[0].model)
-    mean = torch.tensor(mean_values).view(-1, 1, 1)
-    std = torch.tensor(std_values).view(-1, 1, 1)
-    return {"example_image": (image * std + mean).clamp(0, 1).numpy()}
+    mean = torch.tensor(mean_values).view(1, -1, 1, 1)
+    std = torch.tensor(std_values).view(1, -1, 1, 1)
+    pixels = (torch.stack(images) * std + mean).clamp(0, 1)
+    rgb = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels[:, :3]
+    return {
+        "example_image": pixels[0].numpy(),
+        "example_images": (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy(),
+    }

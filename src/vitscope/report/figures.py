@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +20,21 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.artist import Artist
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap, Normalize
+from matplotlib.collections import PathCollection
+from matplotlib.colors import Colormap, Normalize, to_rgba
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogLocator, NullLocator
+from scipy.stats import binomtest
 
+from vitscope.report.claims import band_shares
 from vitscope.report.series import ResultView
 from vitscope.results import RunDirectory
 
 Arrays = Mapping[str, np.ndarray]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-PNG_DPI = 110
+PNG_DPI = 120
 
 
 @dataclass
@@ -49,10 +54,30 @@ class SavedFigure:
     svg: Path | None
 
 
-def model_colors(models: list[str]) -> dict[str, tuple]:
-    """One colour per model, stable across every figure (tab10, then tab20 beyond ten models)."""
-    palette = colormaps["tab10" if len(models) <= 10 else "tab20"]
-    return {model: palette(i % palette.N) for i, model in enumerate(models)}
+ROLE_COLORS = {"cl": "tab:blue", "mim": "tab:orange", "hybrid": "tab:purple", "control": "tab:gray"}
+OTHER_COLORS = ("tab:green", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def model_colors(models: list[str], roles: Mapping[str, str] | None = None) -> dict[str, tuple]:
+    """One colour per model, the same in every figure and every run: CL blue, MIM orange, hybrid purple,
+    control grey; any other model a colour picked by its label (stable across runs), distinct within the run
+    while colours last (then tab20)."""
+    by_label = {label: ROLE_COLORS[role] for role, label in (roles or {}).items() if role in ROLE_COLORS}
+    colors: dict[str, tuple] = {m: to_rgba(by_label[m]) for m in models if m in by_label}
+    others = [m for m in models if m not in colors]
+    palette = list(OTHER_COLORS) if len(others) <= len(OTHER_COLORS) else [colormaps["tab20"](i) for i in range(20)]
+    taken: set[int] = set()
+    for model in others:
+        index = zlib.crc32(model.encode()) % len(palette)
+        while index in taken and len(taken) < len(palette):
+            index = (index + 1) % len(palette)
+        taken.add(index)
+        colors[model] = to_rgba(palette[index])
+    return {m: colors[m] for m in models}
+
+
+def hex_color(rgba: tuple) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in rgba[:3])
 
 
 def slug(label: str) -> str:
@@ -65,12 +90,30 @@ def _new(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.0
     return fig, axes
 
 
-def _depth_axis(ax, title: str, ylabel: str) -> None:
+def _drawn_x(ax) -> np.ndarray:
+    """Every x value drawn on ``ax`` (lines and scatter dots)."""
+    xs = [np.asarray(line.get_xdata(), float) for line in ax.get_lines()]
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]  # scatter; bands' offsets are a dummy 0
+    xs += [np.asarray(c.get_offsets(), float).reshape(-1, 2)[:, 0] for c in dots]
+    return np.concatenate(xs) if xs else np.zeros(0)
+
+
+def _depth_axis(ax, title: str, ylabel: str, unit: str = "block") -> None:
+    """Depth on x: ``unit`` (block for ViTs, stage for CNNs); "0 = patch embedding" only where 0 is drawn."""
     ax.set_title(title)
-    ax.set_xlabel("depth (block; 0 = patch embedding)")
+    zero = unit == "block" and bool(np.any(np.isclose(_drawn_x(ax), 0.0, atol=0.2)))
+    ax.set_xlabel(f"depth ({unit}; 0 = patch embedding)" if zero else f"depth ({unit})")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def kind_groups(view: ResultView, models: list[str]) -> list[tuple[str, list[str]]]:
+    """Models split by depth unit: ("block", ViTs) and ("stage", CNNs), empty groups left out. CNN stages
+    are not ViT blocks: they get their own axes."""
+    cnn = [m for m in models if view.model_meta(m).get("kind") == "cnn"]
+    vit = [m for m in models if m not in cnn]
+    return [(unit, group) for unit, group in (("block", vit), ("stage", cnn)) if group]
 
 
 def _legend_outside(fig: Figure, *axes) -> None:
@@ -111,17 +154,21 @@ def layer_curve(
     models = [m for m in view.models() if view.series(m, metric).layers.size]
     if not models:
         return []
-    fig, (ax,) = _new()
-    for i, model in enumerate(models):
-        if heads:
-            layers, values = view.head_points(model, metric)
-            jitter = (i - (len(models) - 1) / 2) * 0.08
-            ax.scatter(layers + jitter, values, s=12, color=colors[model], alpha=0.35, linewidths=0, zorder=1)
-        _plot_series(ax, view, model, metric, colors[model])
-    if reference is not None:
-        reference(ax, models)
-    _depth_axis(ax, title, ylabel)
-    _legend_outside(fig, ax)
+    groups = kind_groups(view, models)
+    fig, axes = _new(ncols=len(groups), width=6.4 if len(groups) == 1 else 5.0)
+    for ax, (unit, group) in zip(axes, groups):
+        for i, model in enumerate(group):
+            if heads:
+                layers, values = view.head_points(model, metric)
+                jitter = (i - (len(group) - 1) / 2) * 0.08
+                ax.scatter(layers + jitter, values, s=12, color=colors[model], alpha=0.35, linewidths=0, zorder=1)
+            _plot_series(ax, view, model, metric, colors[model])
+        if reference is not None:
+            reference(ax, group)
+        _depth_axis(ax, title if len(groups) == 1 else f"{'ViTs' if unit == 'block' else 'CNNs'}", ylabel, unit)
+    if len(groups) > 1:
+        fig.suptitle(title)
+    _legend_outside(fig, *axes)
     return [NamedFigure(key, section, title, fig)]
 
 
@@ -226,19 +273,24 @@ def fig_panels_by_feature(
     title: str,
     ylabel: str,
     scale: float = 1.0,
+    errors: Callable | None = None,
 ) -> list[NamedFigure]:
     present = [
-        (value, name)
+        (value, name, unit, group)
         for value, name in panels
-        if any(view.series(m, metric, **{column: value}).layers.size for m in view.models())
+        for unit, group in kind_groups(view, view.models())
+        if any(view.series(m, metric, **{column: value}).layers.size for m in group)
     ]
     if not present:
         return []
     fig, axes = _new(ncols=len(present), width=5.2)
-    for ax, (value, name) in zip(axes, present):
-        for model in view.models():
-            _plot_series(ax, view, model, metric, colors[model], scale=scale, **{column: value})
-        _depth_axis(ax, name, ylabel)
+    for ax, (value, name, unit, group) in zip(axes, present):
+        for model in group:
+            if errors is not None:
+                errors(ax, model, colors[model], **{column: value})
+            else:
+                _plot_series(ax, view, model, metric, colors[model], scale=scale, **{column: value})
+        _depth_axis(ax, name if unit == "block" else f"{name}, CNN stages", ylabel, unit)
     _legend_outside(fig, *axes)
     fig.suptitle(title)
     return [NamedFigure(key, section, title, fig)]
@@ -262,8 +314,40 @@ def fig_residual(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) 
     return [NamedFigure("residual_ratio", "residual-ratio", "Residual ratio", fig)]
 
 
+def binomial_interval(accuracy: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (low, high) of accuracies (fractions) measured on ``n`` images each (scipy)."""
+    bounds = [
+        binomtest(round(float(a) * float(m)), int(m)).proportion_ci(confidence_level=level, method="wilson")
+        for a, m in zip(accuracy, n)
+    ]
+    return np.array([b.low for b in bounds]), np.array([b.high for b in bounds])
+
+
+def _probe_with_interval(view: ResultView, scale: float) -> Callable:
+    """Draw one model's probe accuracy per layer with the 95 % binomial interval over its ``n`` test images."""
+
+    def draw(ax, model: str, color, **where) -> None:
+        rows = sorted(
+            (r for r in view.rows(model, "linear_probe_top1", head=None, **where) if r.get("layer") is not None),
+            key=lambda r: r["layer"],
+        )
+        if not rows:
+            return
+        layers = np.array([r["layer"] for r in rows], float)
+        accuracy = np.array([r["value"] for r in rows], float) * scale / 100.0
+        n = np.array([r.get("n") or np.nan for r in rows], float)
+        ax.plot(layers, accuracy * 100, "-o", color=color, label=model, markersize=4, zorder=3)
+        if np.isfinite(n).all():
+            low, high = binomial_interval(np.clip(accuracy, 0, 1), n)
+            ax.fill_between(layers, low * 100, high * 100, color=color, alpha=0.18, linewidth=0, zorder=2)
+
+    return draw
+
+
 def fig_probe(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
     scale = view.percent_scale("linear_probe_top1")
+    rows = [r for m in view.models() for r in view.rows(m, "linear_probe_top1") if r.get("n")]
+    n_text = f"; band: 95 % binomial interval over n = {min(r['n'] for r in rows)} test images" if rows else ""
     return fig_panels_by_feature(
         view,
         colors,
@@ -272,9 +356,10 @@ def fig_probe(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> 
         [("cls", "CLS token"), ("gap", "mean of spatial tokens (GAP)")],
         "linear_probe",
         "linear-probe",
-        "Linear probe top-1 accuracy per layer",
+        f"Linear probe top-1 accuracy per layer{n_text}",
         "top-1 accuracy (%)",
         scale=scale,
+        errors=_probe_with_interval(view, scale),
     )
 
 
@@ -287,10 +372,21 @@ def _per_model_panels(models: list[str], width: float = 4.6, height: float = 3.8
     return fig, axes
 
 
-def _depth_colorbar(fig: Figure, axes, depth: int) -> tuple[Normalize, Colormap]:
-    norm, cmap = Normalize(0, max(depth, 1)), colormaps["viridis"]
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="depth (block)", shrink=0.9)
-    return norm, cmap
+def _depth_norm(view: ResultView, model: str, by_layer: Mapping[int, np.ndarray]) -> tuple[Normalize, Colormap]:
+    """Colour by depth: viridis over ViT blocks, a separate scale (plasma) over a CNN's stages."""
+    cnn = view.model_meta(model).get("kind") == "cnn"
+    return Normalize(0, max(max(by_layer), 1)), colormaps["plasma" if cnn else "viridis"]
+
+
+def _depth_colorbars(fig: Figure, view: ResultView, axes, curves: Mapping[str, Mapping[int, np.ndarray]]) -> None:
+    """One colourbar per depth unit present: ViT blocks and CNN stages are different axes."""
+    models = list(curves)
+    for unit, group in kind_groups(view, models):
+        depth = max(max(curves[m]) for m in group)
+        norm, cmap = Normalize(0, max(depth, 1)), colormaps["plasma" if unit == "stage" else "viridis"]
+        panels = [axes[models.index(m)] for m in group]
+        label = "depth (block; 0 = patch embedding)" if unit == "block" else "CNN stage"
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=panels, label=label, shrink=0.9)
 
 
 def fig_fourier_delta(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
@@ -299,8 +395,9 @@ def fig_fourier_delta(view: ResultView, arrays: Arrays, colors: Mapping[str, tup
     if not curves:
         return []
     fig, axes = _per_model_panels(list(curves))
-    norm, cmap = _depth_colorbar(fig, axes[: len(curves)], max(max(c) for c in curves.values()))
+    _depth_colorbars(fig, view, axes, curves)
     for ax, (model, by_layer) in zip(axes, curves.items()):
+        norm, cmap = _depth_norm(view, model, by_layer)
         for layer, curve in by_layer.items():
             freq = np.linspace(0.0, 1.0, len(curve))
             ax.plot(freq, curve, color=cmap(norm(layer)), linewidth=1.4)
@@ -319,17 +416,27 @@ def _few_layers(layers: list[int], k: int = 5) -> list[int]:
     return [layers[i] for i in picks]
 
 
+def spectrum_limits(spectra: list[np.ndarray], dynamic_range: float = 1e-6) -> tuple[float, float]:
+    """(bottom, top) for log-scale spectra: values below ``dynamic_range`` × the largest are numerical floor
+    (rank-deficient blocks reach 1e-12) and would squash every other curve; they sit below the axis."""
+    values = np.concatenate([np.asarray(s, float) for s in spectra])
+    top = float(values.max())
+    shown = values[values >= top * dynamic_range]
+    return float(shown.min()) / 2, top * 2
+
+
 def fig_singular_values(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
     spectra = {m: view.indexed(m, "singular_values", "index") for m in view.models()}
     spectra = {m: s for m, s in spectra.items() if s}
     if not spectra:
         return []
     fig, axes = _per_model_panels(list(spectra))
-    norm, cmap = _depth_colorbar(fig, axes[: len(spectra)], max(max(s) for s in spectra.values()))
+    _depth_colorbars(fig, view, axes, spectra)
     for ax, (model, by_layer) in zip(axes, spectra.items()):
-        for layer in _few_layers(list(by_layer)):
-            sv = by_layer[layer]
-            ax.semilogy(np.arange(len(sv)), np.clip(sv, 1e-12, None), color=cmap(norm(layer)), label=f"block {layer}")
+        norm, cmap = _depth_norm(view, model, by_layer)
+        for layer, sv in by_layer.items():  # every block: the colour says which (colourbar)
+            ax.semilogy(np.arange(len(sv)), np.clip(sv, 1e-30, None), color=cmap(norm(layer)), linewidth=1.2)
+        ax.set_ylim(*spectrum_limits(list(by_layer.values())))
         ax.yaxis.set_major_locator(LogLocator(numticks=6))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_title(model, color=colors[model])
@@ -337,12 +444,13 @@ def fig_singular_values(view: ResultView, arrays: Arrays, colors: Mapping[str, t
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("singular value (log)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small", loc="upper right")
-    fig.suptitle("Singular value spectra of the token matrix")
+    fig.suptitle("Singular value spectra of the token matrix (one line per block; below 1e-6 × the largest: not shown)")
     return [NamedFigure("singular_values", "singular-values", "Singular value spectra", fig)]
 
 
 def fig_attention_maps(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
+    """Static maps of runs written before the attention explorer (``LABEL/attention_maps``); newer runs
+    store per-head maps (``LABEL/attention_rows``) that the report's explorer draws instead."""
     figs = []
     image = arrays.get("example_image")
     for model in view.models():
@@ -407,41 +515,61 @@ def _query_box(x: float, y: float, w: float, h: float):
 
 
 def fig_cka(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
-    figs = []
-    for model, other in view.cka_pairs():
-        rows, cols, matrix = view.cka_matrix(model, other)
-        fig, (ax,) = _new(width=5.0, height=4.4)
-        image = ax.imshow(
-            matrix,
-            origin="lower",
-            cmap="magma",
-            vmin=0.0,
-            vmax=1.0,
-            aspect="auto",
-            extent=(cols[0] - 0.5, cols[-1] + 0.5, rows[0] - 0.5, rows[-1] + 0.5),
-        )
-        fig.colorbar(image, ax=ax, label="linear CKA")
-        title = f"CKA: {model} × {other}" if model != other else f"CKA within {model}"
-        ax.set_title(title)
-        ax.set_xlabel(f"{other} layer")
-        ax.set_ylabel(f"{model} layer")
-        figs.append(NamedFigure(f"cka_{slug(model)}_vs_{slug(other)}", "cka", title, fig))
-    return figs
+    """Every CKA matrix in one grid: row = model, column = other model (upper triangle and diagonal)."""
+    pairs = view.cka_pairs()
+    if not pairs:
+        return []
+    models = [m for m in view.models() if any(m in pair for pair in pairs)]
+    size = len(models)
+    fig, axes = _new(ncols=size, nrows=size, width=2.3 if size > 2 else 3.6, height=2.2 if size > 2 else 3.4)
+    grid = axes.reshape(size, size)
+    image = None
+    for i, model in enumerate(models):
+        for j, other in enumerate(models):
+            ax = grid[i, j]
+            pair = (model, other) if (model, other) in pairs else (other, model) if (other, model) in pairs else None
+            if pair is None or j < i:  # the upper triangle: each pair once
+                ax.set_visible(False)
+                continue
+            rows, cols, matrix = view.cka_matrix(*pair)
+            if pair != (model, other):
+                rows, cols, matrix = cols, rows, matrix.T
+            ax.set_label(f"cka:{model}:{other}")
+            image = ax.imshow(
+                matrix,
+                origin="lower",
+                cmap="magma",
+                vmin=0.0,
+                vmax=1.0,
+                aspect="auto",
+                extent=(cols[0] - 0.5, cols[-1] + 0.5, rows[0] - 0.5, rows[-1] + 0.5),
+            )
+            ax.tick_params(labelsize="x-small")
+            if j == i or (j > 0 and not grid[i, j - 1].get_visible()):
+                ax.set_ylabel(model, color=colors[model])
+            if i == size - 1 or j == i:
+                ax.set_xlabel(other, color=colors[other])
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="linear CKA", shrink=0.6)
+    title = "Linear CKA between layers: row model (y: its depth) × column model (x: its depth)"
+    fig.suptitle(title)
+    return [NamedFigure("cka", "cka", title, fig)]
 
 
 def fig_tsne(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
     models = [m for m in view.models() if f"{m}/tsne_points" in arrays and f"{m}/tsne_labels" in arrays]
     if not models:
         return []
+    names = [str(n) for n in arrays.get("class_names", [])]
     fig, axes = _per_model_panels(models, width=4.4, height=4.0)
     class_colors = colormaps["tab10"]
+    image_count = 0
     for ax, model in zip(axes, models):
         points = np.asarray(arrays[f"{model}/tsne_points"], float)
         labels = np.asarray(arrays[f"{model}/tsne_labels"])
         image_ids = np.asarray(arrays.get(f"{model}/tsne_image_ids", np.zeros(len(points), int)))
         for image_index, image_id in enumerate(np.unique(image_ids)):
             pick = image_ids == image_id
-            label = labels[pick][0]
             ax.scatter(
                 points[pick, 0],
                 points[pick, 1],
@@ -449,33 +577,62 @@ def fig_tsne(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> l
                 alpha=0.75,
                 linewidths=0,
                 marker=MARKERS[image_index % len(MARKERS)],
-                color=class_colors(int(label) % 10),
+                color=class_colors(int(labels[pick][0]) % 10),
             )
-        for label in np.unique(labels):
-            ax.scatter([], [], color=class_colors(int(label) % 10), label=f"class {label}", s=14)
+        image_count = max(image_count, len(np.unique(image_ids)))
         ax.set_title(model, color=colors[model])
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
-        ax.legend(fontsize="x-small", loc="upper right")
-    fig.suptitle("t-SNE of last-layer tokens: colour = class, marker = image")
+    classes = sorted({int(v) for m in models for v in np.unique(arrays[f"{m}/tsne_labels"])})
+    class_handles = [
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            color=class_colors(c % 10),
+            label=names[c] if c < len(names) else f"class {c}",
+        )
+        for c in classes
+    ]
+    marker_handles = [
+        Line2D([], [], linestyle="", marker=MARKERS[i], color="0.35", label=f"image {i + 1}")
+        for i in range(min(image_count, len(MARKERS)))
+    ]
+    fig.legend(handles=class_handles, title="colour = class", loc="outside right upper", fontsize="small")
+    repeat = " (markers repeat)" if image_count > len(MARKERS) else ""
+    fig.legend(handles=marker_handles, title=f"marker = image{repeat}", loc="outside right lower", fontsize="x-small")
+    fig.suptitle("t-SNE of last-layer spatial tokens: colour = class, marker = image")
     return [NamedFigure("tsne", "tsne", "Token t-SNE", fig)]
 
 
 def fig_noise(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> list[NamedFigure]:
+    """Accuracy drop per frequency band, the lowest and highest third shaded (the bands whose share of the
+    drop the claims compare), each model's shares in its legend entry."""
     curves = {m: view.noise_curve(m) for m in view.models()}
     curves = {m: c for m, c in curves.items() if len(c[0])}
     if not curves:
         return []
     scale = view.percent_scale("noise_drop")
-    fig, (ax,) = _new()
-    for model, (bands, drops) in curves.items():
-        ax.plot(bands, drops * scale, "-o", color=colors[model], label=model, markersize=4)
+    fig, (ax,) = _new(width=7.4)
+    bands = max(len(b) for b, _ in curves.values())
+    k = max(1, round(bands / 3))
+    ax.axvspan(-0.5, k - 0.5, color="tab:blue", alpha=0.07, linewidth=0)
+    ax.axvspan(bands - k - 0.5, bands - 0.5, color="tab:red", alpha=0.07, linewidth=0)
+    for model, (band_ids, drops) in curves.items():
+        shares = band_shares(drops)
+        share_text = "" if shares is None else f" (low {shares[0]:.0%}, high {shares[1]:.0%} of its drop)"
+        ax.plot(band_ids, drops * scale, "-o", color=colors[model], label=model + share_text, markersize=4)
     ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_title("Accuracy drop under frequency-band-limited noise")
-    ax.set_xlabel("noise frequency band (0 = lowest)")
-    ax.set_ylabel("top-1 accuracy drop" + (" (points)" if scale == 100.0 else ""))
+    strength = (view.meta.get("config") or {}).get("noise_relative_norm")
+    noise = f"noise RMS {strength:g} per input value (normalised inputs)" if isinstance(strength, (int, float)) else ""
+    ax.set_title("Accuracy drop under frequency-band-limited Gaussian noise" + (f"\n{noise}" if noise else ""))
+    ax.set_xlabel(f"noise frequency band, radial, lowest → highest (of {bands}; shaded: lowest / highest third)")
+    ax.set_ylabel("top-1 accuracy drop (percentage points)")  # fractions are scaled to points
+
+    ax.set_xlim(-0.5, bands - 0.5)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     _legend_outside(fig, ax)
@@ -520,7 +677,7 @@ FIGURE_BUILDERS: tuple[Callable[[ResultView, Arrays, Mapping[str, tuple]], list[
 
 
 def build_figures(view: ResultView, arrays: Arrays) -> list[NamedFigure]:
-    colors = model_colors(view.models())
+    colors = model_colors(view.models(), view.roles())
     figures = [fig for builder in FIGURE_BUILDERS for fig in builder(view, arrays, colors)]
     seen: dict[str, int] = {}
     for fig in figures:  # labels that slug alike ("a b", "a_b") must not overwrite each other's files

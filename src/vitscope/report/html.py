@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitscope.report.claims import ClaimsRecord
-from vitscope.report.figures import SavedFigure, model_colors
+from vitscope.report.explorer import EXPLORER_CSS
+from vitscope.report.figures import SavedFigure, hex_color, model_colors
 from vitscope.report.series import ResultView
 
 
@@ -22,6 +23,7 @@ class Section:
     id: str
     title: str
     how_to_read: str
+    paper: str = ""  # the paper figure or section the analysis reproduces
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -33,13 +35,16 @@ SECTIONS: tuple[Section, ...] = (
         "globally (large distances) and MIM locally, most clearly in later layers; lower layers mix local "
         "and global heads (Raghu et al.). An untrained ViT has near-uniform attention, hence a large distance "
         "too: compare with an untrained control.",
+        paper="Park et al. 2023 (CL vs MIM), Sec. 2, Fig. 2 (attention distance); Raghu et al. 2021 (attention distance per head, local and global heads in lower layers)",
     ),
     Section(
         "attention-maps",
         "Attention maps",
-        "Attention of a few query tokens (outlined) of the first image, per block; brighter = more attention. "
-        "In CL's later blocks every query attends to the same region (attention collapse); MIM's maps stay "
-        "around the query.",
+        "The attention explorer: one query token's attention over the image's patches, for every model side by "
+        "side; choose the image, block and head (or the mean over heads) and click a patch to make it the query. "
+        "In CL's later blocks every query attends to the same region (attention collapse: moving the query "
+        "does not move the map); MIM's maps stay around the query; an untrained model's are near uniform.",
+        paper="Park et al. 2023, Sec. 2 and Fig. 2: attention maps of a few queries (attention collapse)",
     ),
     Section(
         "nmi",
@@ -47,6 +52,7 @@ SECTIONS: tuple[Section, ...] = (
         "NMI between query and key positions: 0 when every query has the same attention distribution, "
         "1 when each query attends to its own keys. CL's later layers have low NMI (collapse), MIM's stay high. "
         "Low NMI means collapse only when rows are peaked: read it together with attention entropy.",
+        paper="Park et al. 2023, Sec. 2, Fig. 2 (normalized mutual information)",
     ),
     Section(
         "attention-entropy",
@@ -54,18 +60,21 @@ SECTIONS: tuple[Section, ...] = (
         "Entropy of each attention row (nats), averaged over queries; the dashed line is log N, the entropy of "
         "uniform attention. Low NMI with entropy well below log N is collapse onto the same few tokens; low NMI "
         "with entropy near log N is near-uniform attention, which an untrained model shows too.",
+        paper="not in the papers: a check that low NMI is collapse rather than uniform attention",
     ),
     Section(
         "token-cosine",
         "Token similarity",
         "Mean cosine similarity between different spatial tokens of one image (layer 0 = patch embedding). "
         "CL's tokens become alike in later layers; MIM keeps them diverse.",
+        paper="Park et al. 2023, Sec. 2 (token and head similarity of the attention collapse)",
     ),
     Section(
         "head-cosine",
         "Head similarity",
         "Mean cosine similarity between the outputs of different heads for the same token. CL's heads become "
         "redundant in later layers; MIM's stay distinct.",
+        paper="Park et al. 2023, Sec. 2 (token and head similarity of the attention collapse)",
     ),
     Section(
         "depth-cosine",
@@ -73,6 +82,7 @@ SECTIONS: tuple[Section, ...] = (
         "Cosine similarity of a token between consecutive blocks; 1 − value is how much a block changes the "
         "representation. The claims use where that change is concentrated as a proxy for which layers matter "
         "(later layers for CL, early layers for MIM).",
+        paper="Park et al. 2023, Sec. 4 (which layers play a key role)",
     ),
     Section(
         "singular-values",
@@ -80,6 +90,7 @@ SECTIONS: tuple[Section, ...] = (
         "Singular values of the stacked spatial tokens of a few images (log scale), and their effective rank. "
         "A few dominant singular values (low effective rank) mean the tokens span few directions, as in CL's "
         "later layers; MIM keeps a flatter spectrum.",
+        paper="Park et al. 2023, Sec. 3 (singular values of the token representations)",
     ),
     Section(
         "fourier",
@@ -88,24 +99,28 @@ SECTIONS: tuple[Section, ...] = (
         "lowest to the highest frequency (one line per block, colour = depth); the first figure follows its value "
         "at the highest frequency. Lower = more low-pass. CL's features are low-pass (shape), MIM's keep high "
         "frequencies (texture).",
+        paper="Park et al. 2023, Sec. 3 (Fourier analysis of representations; Park & Kim 2022)",
     ),
     Section(
         "noise-robustness",
         "Robustness to frequency-band noise",
         "Accuracy drop when Gaussian noise restricted to one radial frequency band is added to the images, bands "
         "from lowest to highest frequency. CL is hurt more by low-frequency noise, MIM by high-frequency noise.",
+        paper="Park et al. 2023, Sec. 3 (robustness to frequency-band noise)",
     ),
     Section(
         "linear-probe",
         "Linear probing per layer",
         "Top-1 accuracy of a linear classifier on each layer's features (CLS token, or the mean of the spatial "
         "tokens). CL's accuracy rises to the last layer; MIM's peaks in the middle and falls towards the end.",
+        paper="Park et al. 2023, Sec. 4 (linear probing of intermediate layers); Raghu et al. 2021 (linear probes per layer, CLS vs GAP)",
     ),
     Section(
         "tsne",
         "Token t-SNE",
         "2-D t-SNE of the spatial tokens of a few images: colour = class, marker = image. CL's tokens group by "
         "image and class (linearly separable); MIM's tokens of different images intermingle.",
+        paper="Park et al. 2023, Sec. 3 (t-SNE of token representations)",
     ),
     Section(
         "cka",
@@ -113,12 +128,14 @@ SECTIONS: tuple[Section, ...] = (
         "Linear CKA between the layers of one model or of two models (1 = the same representation up to rotation "
         "and scale). Raghu et al.: a ViT's layers are more uniformly similar across depth than a ResNet's, whose "
         "lower and upper layers form separate blocks.",
+        paper="Raghu et al. 2021, Figs. 1–2 (CKA within and between ViTs and ResNets)",
     ),
     Section(
         "residual-ratio",
         "Residual connections",
         "Norm of the residual stream relative to the attention and MLP branch outputs, per block. Large ratios "
         "mean the skip connections carry most of the signal (Raghu et al.).",
+        paper="Raghu et al. 2021 (the role of skip connections)",
     ),
     Section(
         "localisation",
@@ -127,6 +144,7 @@ SECTIONS: tuple[Section, ...] = (
         "embedding at every position. A model that keeps spatial information to the top shows a peak at the "
         "token's own position (Raghu et al.: ViTs do, more so when trained with a CLS token than with global "
         "pooling).",
+        paper="Raghu et al. 2021 (spatial localisation with CLS vs GAP)",
     ),
 )
 
@@ -138,7 +156,8 @@ main{max-width:1180px;margin:0 auto;padding:8px 24px 40px}
 section{background:#fff;border:1px solid #dde1e6;border-radius:6px;margin:18px 0;padding:6px 22px 16px}
 h2{font-size:1.25em;border-bottom:1px solid #eef0f3;padding-bottom:6px}
 p.how{background:#f1f6fb;border-left:4px solid #6d9bc3;padding:8px 12px;margin:8px 0 12px}
-figure{display:inline-block;vertical-align:top;max-width:100%;margin:12px 14px 12px 0}figure img{max-width:100%;height:auto;border:1px solid #eef0f3}figcaption{font-size:.85em;color:#55606b}
+figure{display:block;margin:12px 0}figure img{width:100%;height:auto;border:1px solid #eef0f3}figcaption{font-size:.85em;color:#55606b}
+p.paper{font-size:.85em;color:#55606b;margin:-4px 0 10px}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:.9em;margin:6px 0}td code,td.spec{word-break:break-all}td,th{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f1f3f5}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .holds{background:#d7f0dc;color:#17692c}.does-not-hold{background:#f8d8d6;color:#9b1c14}.not-measured{background:#e6e8eb;color:#4a5560}
@@ -149,10 +168,6 @@ figure{display:inline-block;vertical-align:top;max-width:100%;margin:12px 14px 1
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _hex(rgba: tuple) -> str:
-    return "#" + "".join(f"{round(c * 255):02x}" for c in rgba[:3])
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -185,11 +200,11 @@ def _attention_text(info: dict[str, Any]) -> str:
 
 def summary_section(view: ResultView) -> str:
     meta = view.meta
-    colors = model_colors(view.models())
+    colors = model_colors(view.models(), view.roles())
     model_rows = []
     for model in view.models():
         info = view.model_meta(model)
-        swatch = f'<span class="swatch" style="background:{_hex(colors[model])}"></span>'
+        swatch = f'<span class="swatch" style="background:{hex_color(colors[model])}"></span>'
         model_rows.append(
             [
                 swatch + _e(model),
@@ -269,30 +284,37 @@ def figure_html(figure: SavedFigure, png: bytes) -> str:
     )
 
 
-def _section(section_id: str, title: str, body: str, how: str = "") -> str:
+def _section(section_id: str, title: str, body: str, how: str = "", paper: str = "") -> str:
     how_html = f'<p class="how"><b>How to read it.</b> {_e(how)}</p>' if how else ""
+    if paper:
+        how_html += f'<p class="paper"><b>In the papers:</b> {_e(paper)}</p>'
+
     return f'<section id="{_e(section_id)}"><h2>{_e(title)}</h2>{how_html}{body}</section>'
 
 
-def analysis_sections(figures: Sequence[tuple[SavedFigure, bytes]]) -> list[str]:
+def analysis_sections(figures: Sequence[tuple[SavedFigure, bytes]], explorer: str = "") -> list[str]:
     out = []
     for section in SECTIONS:
         mine = [figure_html(fig, png) for fig, png in figures if fig.section == section.id]
+        if section.id == "attention-maps" and explorer:
+            mine.insert(0, explorer)
         body = "".join(mine) or '<p class="missing">Not measured in this run.</p>'
-        out.append(_section(section.id, section.title, body, section.how_to_read))
+        out.append(_section(section.id, section.title, body, section.how_to_read, section.paper))
     return out
 
 
-def render_html(view: ResultView, figures: Sequence[tuple[SavedFigure, bytes]], claims: ClaimsRecord | None) -> str:
-    """The whole page as one string."""
+def render_html(
+    view: ResultView, figures: Sequence[tuple[SavedFigure, bytes]], claims: ClaimsRecord | None, explorer: str = ""
+) -> str:
+    """The whole page as one string; ``explorer`` is the attention explorer's HTML (:mod:`.explorer`)."""
     toc = [("summary", "Summary"), ("claims", "Claims")] + [(s.id, s.title) for s in SECTIONS]
     nav = "".join(f'<a href="#{_e(i)}">{_e(t)}</a>' for i, t in toc)
     models = ", ".join(view.models()) or "no models"
-    body = [summary_section(view), claims_section(claims)] + analysis_sections(figures)
+    body = [summary_section(view), claims_section(claims)] + analysis_sections(figures, explorer)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>vitscope report: {_e(models)}</title><style>{CSS}</style></head><body>"
+        f"<title>vitscope report: {_e(models)}</title><style>{CSS}{EXPLORER_CSS}</style></head><body>"
         f"<header><h1>What do these Vision Transformers learn?</h1><p>vitscope report: {_e(models)}</p></header>"
         f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n"
     )

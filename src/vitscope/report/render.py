@@ -11,7 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vitscope.report.claims import ClaimsRecord, ClaimVerdict, Roles, evaluate_claims, load_claims, save_claims
-from vitscope.report.figures import build_figures, save_figure
+from vitscope.report.explorer import EXPLORER_MAX_BYTES, explorer_html, explorer_models
+from vitscope.report.figures import SavedFigure, build_figures, hex_color, model_colors, save_figure
 from vitscope.report.html import render_html
 from vitscope.report.series import ResultView
 from vitscope.results import Results, RunDirectory
@@ -53,8 +54,20 @@ def _claims_for(
     return None
 
 
+def _drop_stale_figures(run_dir: RunDirectory, saved: list[tuple[SavedFigure, bytes]]) -> None:
+    """Remove figures an earlier render drew that this one did not (e.g. per-pair CKA heatmaps before the grid)."""
+    drawn = {path.name for figure, _ in saved for path in (figure.png, figure.svg) if path is not None}
+    for path in sorted(run_dir.figure_path("x", "png").parent.glob("*")):
+        if path.suffix in (".png", ".svg") and path.name not in drawn:
+            path.unlink()
+
+
 def render_report(
-    out_dir: str | Path, verdicts: list[ClaimVerdict] | None = None, roles: Roles | None = None, svg: bool = True
+    out_dir: str | Path,
+    verdicts: list[ClaimVerdict] | None = None,
+    roles: Roles | None = None,
+    svg: bool = True,
+    explorer_max_bytes: int = EXPLORER_MAX_BYTES,
 ) -> Path:
     """Draw every figure into ``DIR/figures/`` (PNG, and SVG unless ``svg`` is False) and write
     ``DIR/report.html`` with the PNGs embedded; return its path. The run directory is changed whole or not
@@ -62,6 +75,7 @@ def render_report(
 
     The claims table comes from ``verdicts`` (with their ``roles``), else from ``DIR/claims.json``, else
     from ``meta['roles']`` (``{"cl": ..., "mim": ..., "control": ..., "hybrid": ...}``) when present.
+    The attention explorer embeds at most ``explorer_max_bytes`` bytes of attention maps (:mod:`.explorer`).
     """
     with update_run(out_dir) as run_dir:  # the committed run changes whole or not at all
         results = run_dir.load_results()
@@ -72,5 +86,9 @@ def render_report(
         for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False, disable=None):
             figure = save_figure(named, run_dir, svg=svg)
             saved.append((figure, figure.png.read_bytes()))
-        run_dir.save_report(render_html(view, saved, claims))
+        _drop_stale_figures(run_dir, saved)
+        colors = {model: hex_color(rgba) for model, rgba in model_colors(view.models(), view.roles()).items()}
+        maps = explorer_models(view.models(), arrays, colors, explorer_max_bytes)
+        explorer = explorer_html(maps, arrays.get("example_images"))
+        run_dir.save_report(render_html(view, saved, claims, explorer))
     return RunDirectory(out_dir).report_path

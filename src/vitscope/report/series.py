@@ -51,6 +51,11 @@ class ResultView:
         ordered = list(models_of(self.meta))
         return ordered + [m for m in self.results.models() if m not in ordered]
 
+    def roles(self) -> dict[str, str]:
+        """role (cl, mim, control, hybrid) -> model label, as ``meta['roles']`` names them."""
+        named = self.meta.get("roles") or {}
+        return {role: label for role, label in named.items() if isinstance(label, str) and label}
+
     def model_meta(self, model: str) -> dict[str, Any]:
         """The model's entry of ``meta['models']``, the fields the run did not record left out."""
         info = models_of(self.meta).get(model)
