@@ -71,10 +71,10 @@ def test_demo_runs_end_to_end_with_the_random_control(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0
-    assert "Attention collapse" in printed and f"report: {out / 'report.html'}" in printed
-    first, second = printed.split("the same findings with mae as the MIM model")
-    assert first.count("Attention collapse") == second.count("Attention collapse") == 1  # one table each
-    assert "Hybrid" in second  # all seven findings again
+    lines = printed.splitlines()
+    assert printed.count("Attention collapse") == 1  # one table, a line per finding
+    assert "of 7 hold" in lines[-1] and lines[-1].endswith(f"; report: {out / 'report.html'}")  # the summary last
+    assert lines[-2].startswith("with mae as MIM: ") and "of 7 hold" in lines[-2]  # all seven findings again
     assert json.loads((out / "claims.json").read_text())["roles"]["mim"] == "simmim"  # the saved verdict stays
     with open(out / "metrics.csv", newline="") as fh:
         models = {row["model"] for row in csv.DictReader(fh)}

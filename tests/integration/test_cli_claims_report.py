@@ -74,3 +74,45 @@ def test_report_command_and_its_errors(tmp_path, capsys):
     (out / "manifest.json").unlink()  # a directory without manifest: the file itself is checked
     assert main(["report", str(out)]) == 2
     assert "arrays.npz: cannot read arrays" in capsys.readouterr().err
+
+
+ALL_ROLES = {"cl": "cl", "mim": "mim", "control": "control", "hybrid": "hybrid"}
+
+
+def test_claims_takes_the_runs_roles_and_ends_with_one_summary_line(tmp_path, capsys):
+    # CL's late distance like the control's, and probes on 40 test images: one image is 2.5 points
+    results = make_results(roles=ALL_ROLES, overrides={("cl", "attention_distance"): [14.5] * L}, probe_n=40)
+    out = write_results_dir(tmp_path / "run", results, arrays={})
+    assert main(["claims", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[-1] == (
+        "findings 2, 3, 4, 6, 7 of 7 hold; 1: holds, but CL ≈ untrained; 5: undecided; "
+        f"report: `vitscope report {out}` shows them in {out / 'report.html'}"
+    )
+    assert len(lines) == 1 + 7 + 2 and all(len(line) <= 120 for line in lines[:8])  # header, 7 findings, wrote
+    assert re.search(
+        r"^ 1  holds, but CL ≈ untrained  Attention distance +CL's late attention distance 14.5 px", captured.out, re.M
+    )
+    assert "warning: finding 5 cannot be decided on this run (too few test images to decide" in captured.err
+    assert "n=40: one image = 2.5 points" in captured.err
+    assert load_claims(out).roles.control == "control"
+    # a flag overrides its role alone; --full prints the whole evidence
+    assert main(["claims", str(out), "--hybrid", "mim", "--mim", "hybrid", "--full"]) == 0
+    printed = capsys.readouterr().out
+    assert load_claims(out).roles == type(load_claims(out).roles)("cl", "hybrid", "control", "mim")
+    assert (
+        "\n    late attention distance of CL not above MIM (reversed). late attention distance: CL cl 14.5 px"
+        in printed
+    )
+
+
+def test_claims_without_roles_in_the_run_or_flags_names_the_missing_flags(tmp_path, capsys):
+    out = write_results_dir(tmp_path / "run", make_results(("cl", "mim")), arrays={})
+    assert main(["claims", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'metrics.json'} names no CL and no MIM model in meta.roles: give --cl LABEL and --mim LABEL" in err
+    assert main(["claims", str(out), "--cl", "cl"]) == 2
+    assert "names no MIM model in meta.roles: give --mim LABEL" in capsys.readouterr().err
+    assert main(["claims", str(out), "--cl", "cl", "--mim", "cl"]) == 2
+    assert "--cl and --mim both name 'cl': each role needs its own model" in capsys.readouterr().err

@@ -471,3 +471,16 @@ def test_peaked_rows_use_the_attention_keys_of_the_last_attending_block():
     v = {v.claim_id: v for v in evaluate_claims(results, "cl", "mim")}[2]
     assert v.status == FAILS and v.numbers["log_n"] == pytest.approx(math.log(4))
     assert "vs log N 1.39" in v.evidence
+
+
+def test_summary_line_groups_the_findings_by_status():
+    from vitscope.report.claims import summary_line
+
+    v = list(verdicts(control="control", overrides={("cl", "attention_distance"): [14.5] * L}).values())
+    v[3].status = FAILS
+    assert summary_line(v, "report: r.html") == (
+        "findings 2, 3, 5, 6 of 7 hold; 1: holds, but CL ≈ untrained; 4: does not hold; 7: not measured; report: r.html"
+    )
+    for x in v:
+        x.status = FAILS
+    assert summary_line(v) == "no finding of 7 holds; 1, 2, 3, 4, 5, 6, 7: does not hold"

@@ -1,4 +1,7 @@
-"""`vitscope claims DIR --cl LABEL --mim LABEL`: the papers' findings 1–7 checked on saved results."""
+"""`vitscope claims DIR [--cl LABEL --mim LABEL ...]`: the papers' findings 1–7 checked on saved results.
+
+The roles default to those the run saved (``meta.roles``, from ``vitscope analyze --cl ... --mim ...`` or the
+demo); a flag given overrides that role."""
 
 from __future__ import annotations
 
@@ -6,22 +9,37 @@ import argparse
 import sys
 
 from vitscope.analyses.preflight import ModelShape, check_control
-from vitscope.commands.common import CommandError, check_roles, finite_float, non_negative_float, open_results
+from vitscope.commands.common import (
+    ROLE_NAMES,
+    CommandError,
+    check_roles,
+    finite_float,
+    non_negative_float,
+    open_results,
+)
 from vitscope.report import Roles, Tolerance, evaluate_claims, format_claims_table, save_claims
+from vitscope.report.claims import print_warnings, summary_line
 from vitscope.report.series import ResultView
 from vitscope.results import Results
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="results directory written by `vitscope analyze --out DIR`")
-    parser.add_argument("--cl", required=True, metavar="LABEL", help="the contrastive (CL) model's label")
-    parser.add_argument("--mim", required=True, metavar="LABEL", help="the masked-image-modeling (MIM) model's label")
+    parser.add_argument(
+        "--cl", metavar="LABEL", help="the contrastive (CL) model's label (default: the run's meta.roles.cl)"
+    )
+    parser.add_argument(
+        "--mim", metavar="LABEL", help="the masked-image-modeling (MIM) model's label (default: meta.roles.mim)"
+    )
     parser.add_argument(
         "--control",
         metavar="LABEL",
-        help="an untrained model of the same architecture: tells collapse from near-uniform attention",
+        help="an untrained model of the same architecture: tells collapse from near-uniform attention "
+        "(default: meta.roles.control)",
     )
-    parser.add_argument("--hybrid", metavar="LABEL", help="a model trained with (1 − λ)·L_MIM + λ·L_CL")
+    parser.add_argument(
+        "--hybrid", metavar="LABEL", help="a model trained with (1 − λ)·L_MIM + λ·L_CL (default: meta.roles.hybrid)"
+    )
     parser.add_argument(
         "--rel-tol",
         type=finite_float(0.0, 1.0, high_open=True),
@@ -34,6 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=Tolerance.probe_points,
         help="points by which CL's probe must beat the control's (default: %(default)s)",
     )
+    parser.add_argument("--full", action="store_true", help="print every finding's whole evidence")
 
 
 def check_labels(results: Results, roles: Roles) -> None:
@@ -59,16 +78,32 @@ def _shape(view: ResultView, label: str) -> ModelShape | None:
         return None
 
 
+def roles_of(args: argparse.Namespace, results: Results, source: str) -> Roles:
+    """The roles saved in ``meta.roles``, each overridden by its flag; CL and MIM must be named by one of them."""
+    saved = results.meta.get("roles") or {}
+    named: dict[str, str | None] = {role: getattr(args, role) or saved.get(role) for role in ROLE_NAMES}
+    cl, mim = named["cl"], named["mim"]
+    missing = [f"--{role}" for role in ("cl", "mim") if not named[role]]
+    if missing or cl is None or mim is None:
+        raise CommandError(
+            f"{source} names no {' and no '.join(r[2:].upper() for r in missing)} model in meta.roles: "
+            f"give {' and '.join(m + ' LABEL' for m in missing)}"
+        )
+    return Roles(cl, mim, named["control"], named["hybrid"])
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir, results = open_results(args.dir)
-    roles = Roles(args.cl, args.mim, args.control, args.hybrid)
+    roles = roles_of(args, results, str(run_dir.path / run_dir.METRICS_JSON))
     check_labels(results, roles)
     if not results.meta:
         print(f"note: {run_dir.path / run_dir.METRICS_JSON} is missing: the verdicts rest on {run_dir.METRICS_CSV} "
               "alone, without the models' metadata (token grid, depth)", file=sys.stderr)  # fmt: skip
     tolerance = Tolerance(rel=args.rel_tol, probe_points=args.probe_points)
     verdicts = evaluate_claims(results, **vars(roles), tolerance=tolerance)
-    print(format_claims_table(verdicts))
+    print(format_claims_table(verdicts, full=args.full))
     path = save_claims(args.dir, verdicts, roles, tolerance)
-    print(f"\nwrote {path} (include it in the report with `vitscope report {args.dir}`)")
+    print(f"wrote {path}")
+    print_warnings(verdicts)
+    print(summary_line(verdicts, f"report: `vitscope report {args.dir}` shows them in {run_dir.report_path}"))
     return 0

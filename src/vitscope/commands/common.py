@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from vitscope.results import Results, RunDirectory
@@ -255,13 +255,25 @@ def check_roles(roles: Mapping[str, str | None], labels: list[str], known: str =
         seen[label] = role
 
 
-def verdict_and_report(out_dir: Path, roles: Mapping[str, str | None], render: bool) -> None:
-    """Evaluate, save and print the claims (when CL and MIM are named), then render the report."""
+def verdict_and_report(
+    out_dir: Path, roles: Mapping[str, str | None], render: bool, before_summary: Sequence[str] = ()
+) -> None:
+    """Evaluate, save and print the claims (when CL and MIM are named) and render the report; then the
+    lines ``before_summary`` and, last, the one-line summary with the report's path."""
     from vitscope.report import Roles, format_claims_table, render_report, write_verdict
+    from vitscope.report.claims import print_warnings, summary_line
 
     cl, mim = roles.get("cl"), roles.get("mim")
+    record = None
     if cl and mim:
         record = write_verdict(out_dir, Roles(cl, mim, control=roles.get("control"), hybrid=roles.get("hybrid")))
         print(format_claims_table(record.verdicts))
-    if render:
-        print(f"report: {render_report(out_dir)}")
+    report = f"report: {render_report(out_dir)}" if render else ""
+    for line in before_summary:
+        print(line)
+    if record is None:
+        if report:
+            print(report)
+        return
+    print_warnings(record.verdicts)
+    print(summary_line(record.verdicts, report or "no report (--no-report)"))

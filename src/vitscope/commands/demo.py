@@ -107,15 +107,21 @@ def _print_note(note: str) -> None:
 
 
 def _print_and_report(results: Results, labels: list[str], out_dir: Path) -> None:
+    """The probes, the verdict (CL = moco, MIM = simmim), the same findings with MAE in one line, and the
+    one-line summary with the report's path last."""
+    from vitscope.report import evaluate_claims
+    from vitscope.report.claims import summary_line
+
     print(probe_table(results, labels))
     print(
         f"analysed {len(labels)} models on {results.meta['num_images']} Fashion-MNIST test images "
         f"in {results.meta['wall_time_s']:.0f} s"
     )
-    report_after_commit(out_dir, lambda: verdict_and_report(out_dir, dict(ROLES), render=True))
-    from vitscope.report import evaluate_claims, format_claims_table
-
     second = evaluate_claims(results, ROLES["cl"], SECOND_MIM, control=ROLES["control"], hybrid=ROLES["hybrid"])
-    print(f"\nthe same findings with {SECOND_MIM} as the MIM model (vitscope claims {out_dir} --cl {ROLES['cl']} "
-          f"--mim {SECOND_MIM} --control {ROLES['control']} --hybrid {ROLES['hybrid']} saves them):")  # fmt: skip
-    print(format_claims_table(second))
+    with_mae = (
+        f"with {SECOND_MIM} as MIM: {summary_line(second)} (`vitscope claims {out_dir} --mim {SECOND_MIM}` "
+        "saves and shows them)"
+    )
+    report_after_commit(
+        out_dir, lambda: verdict_and_report(out_dir, dict(ROLES), render=True, before_summary=[with_mae])
+    )

@@ -59,6 +59,7 @@ class ClaimVerdict:
     status: str
     evidence: str
     numbers: dict[str, float | None] = field(default_factory=dict)
+    summary: str = ""  # the one sentence that decides it (the terminal's table shows this)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,11 +233,11 @@ def _control_note(
     digits: int,
     unit: str,
     numbers: dict,
-    like_control: list[str],
+    like_control: dict[str, str],
     roles: tuple[str, ...] = ("cl", "mim"),
 ) -> list[str]:
     """Say whether each of ``roles`` is indistinguishable from the untrained control on ``metric`` over
-    ``which``; the roles that are get appended to ``like_control`` (the verdict's caveat)."""
+    ``which``; the roles that are go into ``like_control`` with that sentence (the verdict's caveat)."""
     if ctx.roles.control is None:
         return []
     control = ctx.estimate(ctx.roles.control, metric, which)
@@ -249,13 +250,13 @@ def _control_note(
         if est is None:
             continue
         same = indistinguishable(est, control, ctx.tol)
-        if same and role not in like_control:
-            like_control.append(role)
         verdict = "indistinguishable from" if same else "differs from"
         notes.append(
             f"{role.upper()}'s {which} {what} {_fmt(est.value, digits, unit)} {verdict} the untrained control's "
             f"{_fmt(control.value, digits, unit)}"
         )
+        if same:
+            like_control.setdefault(role, notes[-1])
     return notes
 
 
@@ -265,33 +266,39 @@ def _verdict(
     checks: list[Check],
     numbers: dict,
     notes: Iterable[str] = (),
-    like_control: Iterable[str] = (),
+    like_control: Mapping[str, str] | None = None,
 ) -> ClaimVerdict:
     """Holds when every check was measured and passed; does not hold when a measured check failed; else
     not measured (a check whose numbers are missing can never let a finding hold). A finding that holds
     while a role in ``like_control`` is indistinguishable from the untrained control on the finding's
-    metric is "holds, but CL ≈ untrained": never greener than its evidence."""
+    metric is "holds, but CL ≈ untrained": never greener than its evidence. ``summary`` is the one
+    sentence that decides: the first failure, what is too small or missing, the caveat, else the first check."""
     measured = [c for c in checks if c.passed is not None]
     failed = [c for c in measured if not c.passed]
-    like = [role for role in ("cl", "mim", "hybrid") if role in set(like_control)]
     undecided = [c for c in checks if c.undecided]
+    caveats = dict(like_control or {})
+    like = [role for role in ("cl", "mim", "hybrid") if role in caveats]
+    unmeasured = [c for c in checks if c.passed is None]
     if failed:
-        status, headline = FAILS, failed[0].failure
+        status, headline, summary = FAILS, failed[0].failure, failed[0].failure
     elif undecided:
         status, headline = UNDECIDED, "cannot be decided on this run: too few test images"
+        summary = undecided[0].failure
     elif len(measured) < len(checks) or not checks:
         status = NOT_MEASURED
         headline = "cannot be decided: part of its evidence is not measured" if measured else ""
+        summary = unmeasured[0].text if unmeasured else ""
     elif like:
         status = holds_but(like)
         headline = f"holds, but {' and '.join(r.upper() for r in like)} cannot be told from the untrained control"
+        summary = "; ".join(caveats[role] for role in like)
     else:
-        status, headline = HOLDS, ""
+        status, headline, summary = HOLDS, "", checks[0].text
     parts = [c.text for c in checks] + list(notes)
     evidence = "; ".join(parts)
     if headline:
         evidence = f"{headline}. {evidence}"
-    return ClaimVerdict(claim_id, title, status, evidence, numbers)
+    return ClaimVerdict(claim_id, title, status, evidence, numbers, summary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,7 +309,7 @@ def claim_distance(ctx: _Context) -> ClaimVerdict:
     checks = [_compare(ctx, "attention distance", "attention_distance", "late", 1, " px", "cl", "mim", numbers)]
     early = _compare(ctx, "attention distance", "attention_distance", "early", 1, " px", "cl", "mim", numbers)
     notes = [f"(for reference, {early.text})"] if early.passed is not None else []
-    like: list[str] = []
+    like: dict[str, str] = {}
     notes += _control_note(ctx, "attention distance", "attention_distance", "late", 1, " px", numbers, like)
     title = "Attention distance: CL attends globally, MIM locally (later layers)"
     return _verdict(1, title, checks, numbers, notes, like)
@@ -312,7 +319,7 @@ def claim_collapse(ctx: _Context) -> ClaimVerdict:
     numbers: dict = {}
     checks = [_compare(ctx, "NMI", "nmi", "late", 3, "", "mim", "cl", numbers)]
     checks.append(_peaked_rows(ctx, numbers))
-    like: list[str] = []
+    like: dict[str, str] = {}
     notes = _control_note(ctx, "NMI", "nmi", "late", 3, "", numbers, like)
     return _verdict(
         2,
@@ -361,7 +368,7 @@ def claim_diversity(ctx: _Context) -> ClaimVerdict:
     ]
     head = _compare(ctx, "head cosine", "head_cosine", "late", 3, "", "cl", "mim", numbers)
     notes = [f"(supplementary, not decisive: {head.text})"] if head.passed is not None else []
-    like: list[str] = []
+    like: dict[str, str] = {}
     notes += _control_note(ctx, "token cosine", "token_cosine", "late", 3, "", numbers, like)
     notes += _control_note(ctx, "effective rank", "effective_rank", "late", 1, "", numbers, like)
     return _verdict(
@@ -378,7 +385,7 @@ def claim_frequency(ctx: _Context) -> ClaimVerdict:
     numbers: dict = {}
     checks = [_compare(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", "mim", "cl", numbers)]
     checks += _noise_checks(ctx, numbers)
-    like: list[str] = []
+    like: dict[str, str] = {}
     notes = _control_note(ctx, "high-frequency Δ log amplitude", "fourier_high", "late", 2, "", numbers, like)
     title = "Frequency: CL is low-pass (shape), MIM keeps high frequencies (texture)"
     return _verdict(4, title, checks, numbers, notes, like)
@@ -525,7 +532,8 @@ def _probe_check(a: Probe, b: Probe, need: float, text: str, failure: str) -> Ch
     """``a`` beats ``b`` by the probe rule; a difference the test count cannot decide is unmeasured, with why."""
     ok = probe_greater(a, b, need)
     if ok is None:
-        return Check(None, f"{text}: {_too_small(a, b, need)}", undecided=True)
+        too_small = _too_small(a, b, need)
+        return Check(None, f"{text}: {too_small}", failure=too_small, undecided=True)
     return Check(ok, text, failure=failure)
 
 
@@ -549,7 +557,7 @@ def claim_separability(ctx: _Context) -> ClaimVerdict:
         )
     checks.append(_mim_best_layer(ctx, numbers))
     notes: list[str] = []
-    like: list[str] = []
+    like: dict[str, str] = {}
     if ctx.roles.control is not None:
         control = _probe(ctx, "control")
         numbers["control_last_probe"] = _value(control)
@@ -560,15 +568,17 @@ def claim_separability(ctx: _Context) -> ClaimVerdict:
 
 
 def _probe_like_control(
-    ctx: _Context, role: str, probe: Probe | None, control: Probe | None, like: list[str]
+    ctx: _Context, role: str, probe: Probe | None, control: Probe | None, like: dict[str, str]
 ) -> list[str]:
     """Whether ``role``'s last-layer probe is indistinguishable from the control's (appended to ``like``)."""
     if probe is None or control is None:
         return []
     same = probe_indistinguishable(probe, control, _probe_margin(probe, control, ctx.tol))
-    like += [role] if same else []
     verdict = "indistinguishable from" if same else "differs from"
-    return [f"{role.upper()}'s last-layer probe {probe.text()} {verdict} the untrained control's {control.text()}"]
+    note = f"{role.upper()}'s last-layer probe {probe.text()} {verdict} the untrained control's {control.text()}"
+    if same:
+        like.setdefault(role, note)
+    return [note]
 
 
 def _mim_best_layer(ctx: _Context, numbers: dict) -> Check:
@@ -641,16 +651,18 @@ def claim_layers(ctx: _Context) -> ClaimVerdict:
                 failure="CL's representation does not change later in depth than MIM's",
             )
         ]
-    notes, like = [], []
+    notes: list[str] = []
+    like: dict[str, str] = {}
     for role, centre in (("cl", cl), ("mim", mim)):
         if control is None or centre is None:
             continue
         same = indistinguishable(Estimate(centre, math.nan), Estimate(control, math.nan), ctx.tol)
-        like += [role] if same else []
         notes.append(
             f"{role.upper()}'s centre {centre:.2f} {'indistinguishable from' if same else 'differs from'} "
             f"the untrained control's {control:.2f}"
         )
+        if same:
+            like.setdefault(role, notes[-1])
     title = "Which layers matter: later layers for CL, early layers for MIM (a proxy)"
     return _verdict(6, title, checks, numbers, notes, like)
 
@@ -677,7 +689,7 @@ def claim_hybrid(ctx: _Context) -> ClaimVerdict:
         )
     checks.append(_closer(ctx, "early", "mim", "cl", numbers))
     checks.append(_closer(ctx, "late", "cl", "mim", numbers))
-    like: list[str] = []
+    like: dict[str, str] = {}
     notes = _probe_like_control(ctx, "hybrid", hybrid, _probe(ctx, "control"), like)
     return _verdict(7, title, checks, numbers, notes, like)
 
@@ -729,13 +741,43 @@ def evaluate_claims(
     return [claim(ctx) for claim in CLAIMS]
 
 
-def format_claims_table(verdicts: list[ClaimVerdict], width: int = 100) -> str:
-    """A plain-text table: id, status, title, then the evidence wrapped below."""
-    lines = [f"{'#':>2}  {'status':<14}  claim", "-" * width]
+def short_title(verdict: ClaimVerdict) -> str:
+    """The finding's name without its statement: "Attention distance"."""
+    return verdict.title.split(":", 1)[0].split(" (", 1)[0]
+
+
+def format_claims_table(verdicts: list[ClaimVerdict], width: int = 120, full: bool = False) -> str:
+    """One line per finding: id, status, name and the sentence that decides it (cut to ``width``); with
+    ``full``, every finding's whole evidence wrapped below its line."""
+    status_width = max([len("verdict")] + [len(v.status) for v in verdicts])
+    name_width = max([len("finding")] + [len(short_title(v)) for v in verdicts])
+    lines = [f"{'#':>2}  {'verdict':<{status_width}}  {'finding':<{name_width}}  why"]
     for v in verdicts:
-        lines.append(f"{v.claim_id:>2}  {v.status:<14}  {v.title}")
-        lines += textwrap.wrap(v.evidence, width=width, initial_indent=" " * 20, subsequent_indent=" " * 20)
+        line = f"{v.claim_id:>2}  {v.status:<{status_width}}  {short_title(v):<{name_width}}  {v.summary}".rstrip()
+        lines.append(line if full or len(line) <= width else line[: width - 1] + "…")
+        if full:
+            indent = " " * 4
+            lines += textwrap.wrap(v.evidence, width=width, initial_indent=indent, subsequent_indent=indent)
     return "\n".join(lines)
+
+
+def summary_line(verdicts: list[ClaimVerdict], tail: str = "") -> str:
+    """One line: "findings 1, 2, 5 of 7 hold; 6: holds, but CL ≈ untrained; 3: does not hold; report: ..."."""
+    held = [str(v.claim_id) for v in verdicts if v.status == HOLDS]
+    parts = [f"findings {', '.join(held)} of {len(verdicts)} hold" if held else f"no finding of {len(verdicts)} holds"]
+    statuses = list(dict.fromkeys(v.status for v in verdicts if v.status != HOLDS))
+    statuses.sort(key=lambda status: [HOLDS, UNDECIDED, FAILS, NOT_MEASURED].index(outcome_of(status)))
+    for status in statuses:
+        parts.append(f"{', '.join(str(v.claim_id) for v in verdicts if v.status == status)}: {status}")
+    return "; ".join(parts + ([tail] if tail else []))
+
+
+def print_warnings(verdicts: list[ClaimVerdict]) -> None:
+    """A warning on stderr for each finding the run is too small to decide."""
+    for v in verdicts:
+        if v.status == UNDECIDED:
+            print(f"warning: finding {v.claim_id} cannot be decided on this run ({v.summary}); "
+                  "more test images (--num-images) narrow the intervals", file=sys.stderr)  # fmt: skip
 
 
 @dataclass(frozen=True)
