@@ -120,6 +120,11 @@ window.addEventListener('load', () => {
   steps.block = drawn();
   choose('ex-image', '1', 'change');
   steps.image = drawn();
+  steps.imageCaptions = captions();
+  const shared = document.getElementById('ex-shared');
+  shared.checked = true;
+  shared.dispatchEvent(new Event('change'));
+  steps.shared = drawn();
   const toggle = document.querySelector('.ex-toggle input');
   toggle.checked = false;
   toggle.dispatchEvent(new Event('change'));
@@ -151,4 +156,8 @@ def test_attention_explorer_redraws_for_query_head_block_image_and_model(report_
     for before, after in (("start", "query"), ("query", "head"), ("head", "block"), ("block", "image")):
         changed = [m for m in models if steps[before][m] != steps[after][m]]
         assert changed == models, f"{before} → {after}: only {changed} redrawn differently"
+    # one colour scale: every map but the one holding the largest value is drawn darker
+    peaks = {m: float(re.search(r"max ([0-9.]+)", c).group(1)) for m, c in zip(models, steps["imageCaptions"])}
+    brightest = max(peaks, key=peaks.get)
+    assert [m for m in models if steps["shared"][m] != steps["image"][m]] == [m for m in models if m != brightest]
     assert steps["hidden"] == ["cl"]

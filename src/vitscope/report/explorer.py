@@ -156,9 +156,11 @@ def explorer_html(models: list[ExplorerModel], images: np.ndarray | None) -> str
         f'<label>block <input type="range" id="ex-block" min="1" max="{depth}" value="{depth}"> '
         f'<output id="ex-block-out">{depth}</output></label>'
         f'<label>head <select id="ex-head">{head_options}</select></label>'
+        '<label><input type="checkbox" id="ex-shared"> one colour scale for all models</label>'
         f'<span class="ex-models">{toggles}</span></div>'
-        '<p class="ex-help">Click a patch of any image to make it the query (cyan box); each map is scaled to its '
-        f"own maximum (bright = most attention). Stored: {html.escape(stored)}.</p>"
+        '<p class="ex-help">Click a patch of any image to make it the query (cyan box). Each map is scaled to its '
+        "own maximum (bright = most attention), or with one colour scale to the largest value shown, which "
+        f"shows how flat a near-uniform map is. Stored: {html.escape(stored)}.</p>"
         '<div id="ex-panels"></div>'
         f'<script type="application/json" id="explorer-data">{payload}</script>'
         f"<script>{SCRIPT}</script></div>"
@@ -204,16 +206,20 @@ function nearestBlock(m){
   m.blocks.forEach((b,i)=>{if(Math.abs(b-state.block)<Math.abs(m.blocks[best]-state.block))best=i;});
   return best;
 }
-function draw(m){
+function current(m){
   const [gh,gw]=m.grid,qr=Math.min(gh-1,Math.floor(state.query[0]*gh)),qc=Math.min(gw-1,Math.floor(state.query[1]*gw));
-  const b=nearestBlock(m),map=attention(m,b,qr*gw+qc),ctx=m.canvas.getContext('2d');
+  const b=nearestBlock(m),map=attention(m,b,qr*gw+qc);
+  let top=0;if(map)for(const v of map)top=Math.max(top,v);
+  return {b,qr,qc,map,top};
+}
+function draw(m,view,scale){
+  const [gh,gw]=m.grid,{b,qr,qc,map,top}=view,ctx=m.canvas.getContext('2d');
   ctx.clearRect(0,0,SIZE,SIZE);ctx.imageSmoothingEnabled=false;
   if(photo)ctx.drawImage(photo,0,0,SIZE,SIZE);
   const cw=SIZE/gw,ch=SIZE/gh;
-  let top=0;if(map)for(const v of map)top=Math.max(top,v);
   ctx.globalAlpha=photo?0.72:1;
   for(let r=0;r<gh;r++)for(let c=0;c<gw;c++){
-    const v=map&&top>0?map[r*gw+c]/top:0,i=Math.round(v*255);
+    const v=map&&scale>0?Math.min(1,map[r*gw+c]/scale):0,i=Math.round(v*255);
     ctx.fillStyle=map?`rgb(${lut[3*i]},${lut[3*i+1]},${lut[3*i+2]})`:'#ccc';
     ctx.fillRect(c*cw,r*ch,Math.ceil(cw),Math.ceil(ch));
   }
@@ -222,7 +228,12 @@ function draw(m){
     :(state.head<m.heads?`head ${state.head+1}`:`no head ${state.head+1}`);
   m.caption.textContent=`block ${m.blocks[b]} · ${head} · query (${qr}, ${qc})`+(map?` · max ${top.toFixed(3)}`:'');
 }
-function drawAll(){photo=imageCanvas(state.image);models.forEach(m=>{if(m.panel.style.display!=='none')draw(m);});}
+function drawAll(){
+  photo=imageCanvas(state.image);
+  const shown=models.filter(m=>m.panel.style.display!=='none'),views=shown.map(current);
+  const shared=document.getElementById('ex-shared').checked?Math.max(0,...views.map(v=>v.top)):0;
+  shown.forEach((m,i)=>draw(m,views[i],shared||views[i].top));
+}
 const panels=document.getElementById('ex-panels');
 for(const m of models){
   const panel=document.createElement('div');panel.className='ex-panel';
@@ -236,6 +247,7 @@ for(const m of models){
 }
 document.getElementById('ex-image').addEventListener('change',e=>{state.image=+e.target.value;drawAll();});
 document.getElementById('ex-head').addEventListener('change',e=>{state.head=+e.target.value;drawAll();});
+document.getElementById('ex-shared').addEventListener('change',drawAll);
 const blockInput=document.getElementById('ex-block');
 blockInput.addEventListener('input',e=>{state.block=+e.target.value;document.getElementById('ex-block-out').textContent=e.target.value;drawAll();});
 document.querySelectorAll('.ex-toggle input').forEach(box=>box.addEventListener('change',()=>{

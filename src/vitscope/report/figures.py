@@ -84,7 +84,9 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_.") or "model"
 
 
-def _new(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.0) -> tuple[Figure, np.ndarray]:
+def _new(ncols: int = 1, nrows: int = 1, width: float = 9.4, height: float = 4.4) -> tuple[Figure, np.ndarray]:
+    """A figure of ``ncols`` × ``nrows`` panels of ``width`` × ``height`` inches. A single panel is as wide as
+    the report's card (9.4 in at PNG_DPI ≈ 1130 px), so that it fills the card at its natural size."""
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     return fig, axes
@@ -116,14 +118,18 @@ def kind_groups(view: ResultView, models: list[str]) -> list[tuple[str, list[str
     return [(unit, group) for unit, group in (("block", vit), ("stage", cnn)) if group]
 
 
-def _legend_outside(fig: Figure, *axes) -> None:
-    """One legend right of the plots (every label once): it never hides data and needs no placement search."""
+def _legend_outside(fig: Figure, *axes, below: bool = False) -> None:
+    """One legend right of the plots, or ``below`` them (every label once): it never hides data or a title and
+    needs no placement search."""
     entries: dict[str, Artist] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small")
+        where = (
+            dict(loc="outside lower center", ncols=min(len(entries), 3)) if below else dict(loc="outside right upper")
+        )
+        fig.legend(list(entries.values()), list(entries), fontsize="small", **where)
 
 
 def _plot_series(ax, view: ResultView, model: str, metric: str, color, scale: float = 1.0, **where) -> bool:
@@ -155,7 +161,7 @@ def layer_curve(
     if not models:
         return []
     groups = kind_groups(view, models)
-    fig, axes = _new(ncols=len(groups), width=6.4 if len(groups) == 1 else 5.0)
+    fig, axes = _new(ncols=len(groups), width=9.4 if len(groups) == 1 else 5.0)
     for ax, (unit, group) in zip(axes, groups):
         for i, model in enumerate(group):
             if heads:
@@ -274,6 +280,7 @@ def fig_panels_by_feature(
     ylabel: str,
     scale: float = 1.0,
     errors: Callable | None = None,
+    legend_below: bool = False,
 ) -> list[NamedFigure]:
     present = [
         (value, name, unit, group)
@@ -291,7 +298,7 @@ def fig_panels_by_feature(
             else:
                 _plot_series(ax, view, model, metric, colors[model], scale=scale, **{column: value})
         _depth_axis(ax, name if unit == "block" else f"{name}, CNN stages", ylabel, unit)
-    _legend_outside(fig, *axes)
+    _legend_outside(fig, *axes, below=legend_below)
     fig.suptitle(title)
     return [NamedFigure(key, section, title, fig)]
 
@@ -360,6 +367,7 @@ def fig_probe(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> 
         "top-1 accuracy (%)",
         scale=scale,
         errors=_probe_with_interval(view, scale),
+        legend_below=True,
     )
 
 
@@ -545,6 +553,8 @@ def fig_cka(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> li
                 extent=(cols[0] - 0.5, cols[-1] + 0.5, rows[0] - 0.5, rows[-1] + 0.5),
             )
             ax.tick_params(labelsize="x-small")
+            if i == 0:
+                ax.set_title(other, color=colors[other], fontsize="small")
             if j == i or (j > 0 and not grid[i, j - 1].get_visible()):
                 ax.set_ylabel(model, color=colors[model])
             if i == size - 1 or j == i:
@@ -616,7 +626,7 @@ def fig_noise(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> 
     if not curves:
         return []
     scale = view.percent_scale("noise_drop")
-    fig, (ax,) = _new(width=7.4)
+    fig, (ax,) = _new()
     bands = max(len(b) for b, _ in curves.values())
     k = max(1, round(bands / 3))
     ax.axvspan(-0.5, k - 0.5, color="tab:blue", alpha=0.07, linewidth=0)
@@ -628,14 +638,14 @@ def fig_noise(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) -> 
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     strength = (view.meta.get("config") or {}).get("noise_relative_norm")
     noise = f"noise RMS {strength:g} per input value (normalised inputs)" if isinstance(strength, (int, float)) else ""
-    ax.set_title("Accuracy drop under frequency-band-limited Gaussian noise" + (f"\n{noise}" if noise else ""))
-    ax.set_xlabel(f"noise frequency band, radial, lowest → highest (of {bands}; shaded: lowest / highest third)")
+    fig.suptitle("Accuracy drop under frequency-band-limited Gaussian noise" + (f"\n{noise}" if noise else ""))
+    ax.set_xlabel(f"radial frequency band of the noise (0 = lowest of {bands}; shaded: lowest / highest third)")
     ax.set_ylabel("top-1 accuracy drop (percentage points)")  # fractions are scaled to points
 
     ax.set_xlim(-0.5, bands - 0.5)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
-    _legend_outside(fig, ax)
+    _legend_outside(fig, ax, below=True)
     return [NamedFigure("noise_robustness", "noise-robustness", "Noise robustness", fig)]
 
 

@@ -112,7 +112,9 @@ SECTIONS: tuple[Section, ...] = (
         "linear-probe",
         "Linear probing per layer",
         "Top-1 accuracy of a linear classifier on each layer's features (CLS token, or the mean of the spatial "
-        "tokens). CL's accuracy rises to the last layer; MIM's peaks in the middle and falls towards the end.",
+        "tokens); band: 95 % binomial (Wilson) interval over the test images. CL's accuracy rises to the last layer; "
+        "MIM's peaks in the middle and falls towards the end. At depth 0 the CLS token is the learned embedding "
+        "itself, the same for every image, so its probe is at chance by construction.",
         paper="Park et al. 2023, Sec. 4 (linear probing of intermediate layers); Raghu et al. 2021 (linear probes per layer, CLS vs GAP)",
     ),
     Section(
