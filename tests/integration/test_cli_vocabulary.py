@@ -116,3 +116,12 @@ def test_warmup_in_epochs_and_finetune_in_percent_extended_by_resume(tmp_path, c
     assert main(finetune_args(f"file:{run}", tuned, "--epochs", "2", "--warmup-steps", "2", "--resume")) == 0
     again = json.loads((tuned / "metrics.json").read_text())["top1_per_epoch"]
     assert len(again) == 2 and again[0] == first[0]
+
+
+def test_pretrain_spec_options_go_to_timm_under_model_kwargs():
+    from vitscope.commands.pretrain import build_config
+
+    parser, _ = build_parser()
+    base = ["pretrain", "--method", "mae", "--out", "x", "--model", "random:vit_tiny_patch16_224?img_size=16&depth=2"]
+    config = build_config(parser.parse_args([*base, "--model-kwargs", "depth=3"]))
+    assert config.arch == "vit_tiny_patch16_224" and config.model_kwargs == {"img_size": 16, "depth": 3}

@@ -23,6 +23,7 @@ from vitscope.commands.common import (
     require_device,
     set_threads,
 )
+from vitscope.models import parse_spec
 
 OPEN_FRACTION = finite_float(0.0, 1.0, low_open=True, high_open=True)  # a share strictly between 0 and 1
 AREA_FRACTION = finite_float(0.0, 1.0, low_open=True)  # a crop's area share: (0, 1]
@@ -46,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="random:vit_tiny_patch16_224",
         metavar="SPEC",
-        help="the untrained timm ViT to pretrain, as a model spec random:NAME (a bare NAME means the same)",
+        help="the untrained timm ViT to pretrain, as a model spec random:NAME[?k=v&...] (a bare NAME means the "
+        "same; the spec's options go to timm.create_model, under --model-kwargs)",
     )
     g.add_argument(
         "--model-kwargs",
@@ -185,9 +187,10 @@ def build_config(args: argparse.Namespace):
         crop_min_scale=args.crop_min_scale,
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)
+    arch, options = architecture(args.model)
     return TrainConfig(
-        arch=architecture(args.model),
-        model_kwargs=args.model_kwargs,
+        arch=arch,
+        model_kwargs={**options, **args.model_kwargs},  # --model-kwargs win over the spec's options
         data=args.data,
         num_images=args.num_images,
         epochs=args.epochs,
@@ -215,16 +218,17 @@ def build_config(args: argparse.Namespace):
     )
 
 
-def architecture(spec: str) -> str:
-    """``--model`` of pretrain: ``random:NAME`` or a bare timm ``NAME`` (``timm:NAME`` of older runs is kept
-    as it was: its weights are never loaded); any other kind of spec is refused."""
-    kind, sep, name = spec.partition(":")
+def architecture(spec: str) -> tuple[str, dict]:
+    """``--model`` of pretrain as (timm name, timm options): ``random:NAME[?k=v&...]`` or a bare timm ``NAME``
+    (``timm:NAME`` of older runs is kept as it was: its weights are never loaded); other kinds are refused."""
+    kind, sep, _ = spec.partition(":")
     if not sep:
-        return spec
-    if kind == "random" and name:
-        return name
-    if kind == "timm" and name:
-        return spec
+        return spec, {}
+    if kind in ("random", "timm"):
+        parsed = parse_spec(spec)
+        if "seed" in parsed.options:
+            raise CommandError(f"--model {spec}: pretraining is seeded by --seed, not by the spec's seed=")
+        return (parsed.target if kind == "random" else f"timm:{parsed.target}"), dict(parsed.options)
     raise CommandError(
         f"--model {spec}: pretrain starts from an untrained timm architecture; give random:NAME "
         "(e.g. random:vit_tiny_patch16_224); to train further from weights, use finetune"
