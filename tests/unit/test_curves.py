@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,14 @@ def test_curves_refuses_what_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert "no track records in log.jsonl (train with --track-every N)" in err and err.count("\n") == 1
     assert main(["curves", str(tmp_path / "empty"), "--blocks", "middle", "--out", str(tmp_path / "o")]) == 2
     assert "--blocks middle: expected late, early or blockN" in capsys.readouterr().err
+
+
+def test_a_torn_last_log_line_is_skipped_and_a_torn_middle_one_named(tmp_path: Path) -> None:
+    from vitscope.pretrain.curves import log_points
+
+    record = {"step": 1, "kind": "track", "trained_steps": 2, "epoch": 0.5, "metrics": {"knn_top1": 0.5}}
+    (tmp_path / "log.jsonl").write_text(json.dumps(record) + '\n{"step": 2, "ki')
+    assert log_points(tmp_path) == [{"trained_steps": 2, "epoch": 0.5, "metrics": {"knn_top1": 0.5}}]
+    (tmp_path / "log.jsonl").write_text('{"step": 2, "ki\n' + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"log.jsonl: line 1 is not JSON"):
+        log_points(tmp_path)

@@ -39,12 +39,15 @@ def _log_records(run: Path) -> list[dict]:
     if not log.is_file():
         return []
     records = []
-    for number, line in enumerate(log.read_text().splitlines(), 1):
+    lines = log.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if number == len(lines):  # the torn last line of a run killed mid-write
+                break
             raise ValueError(f"{log}: line {number} is not JSON") from None
     return records
 
