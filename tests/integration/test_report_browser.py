@@ -7,10 +7,12 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.support.runs import rendered_report_dir
 from vitscope.report import SECTIONS
+from vitscope.results import RunDirectory
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -161,3 +163,21 @@ def test_attention_explorer_redraws_for_query_head_block_image_and_model(report_
     brightest = max(peaks, key=peaks.get)
     assert [m for m in models if steps["shared"][m] != steps["image"][m]] == [m for m in models if m != brightest]
     assert steps["hidden"] == ["cl"]
+
+
+def test_explorer_query_spread_equals_the_maps_in_arrays_npz(report_dir, tmp_path):
+    """The caption's query spread (block 3, mean over heads, image 1) against numpy on arrays.npz."""
+    page = (report_dir / "report.html").read_text()
+    driven = tmp_path / "report_driven.html"
+    driven.write_text(page.replace("</body>", DRIVE + "</body>"))
+    result = chromium(tmp_path, "--window-size=1400,1200", "--dump-dom", driven.as_uri())
+    found = re.search(r'<pre id="vitscope-explorer">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no explorer output; chromium stderr: {result.stderr[-2000:]}"
+    steps = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    arrays = RunDirectory(report_dir).load_arrays()
+    for model, caption in zip(steps["labels"], steps["startCaptions"]):
+        rows = arrays[f"{model}/attention_rows"][0, -1].astype(float)  # image 1, last block: [H, N, N]
+        attn = (rows / 255 * arrays[f"{model}/attention_peaks"][0, -1].astype(np.float32)[..., None]).mean(axis=0)
+        spread = 0.5 * np.abs(attn - attn.mean(axis=0)).sum(axis=1).mean()
+        shown = float(re.search(r"query spread ([0-9.]+)", caption).group(1))
+        assert shown == pytest.approx(spread, abs=0.006), (model, caption)

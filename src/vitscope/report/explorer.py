@@ -160,7 +160,9 @@ def explorer_html(models: list[ExplorerModel], images: np.ndarray | None) -> str
         f'<span class="ex-models">{toggles}</span></div>'
         '<p class="ex-help">Click a patch of any image to make it the query (cyan box). Each map is scaled to its '
         "own maximum (bright = most attention), or with one colour scale to the largest value shown, which "
-        f"shows how flat a near-uniform map is. Stored: {html.escape(stored)}.</p>"
+        f"shows how flat a near-uniform map is. Query spread: how far, on average, one query's map is from the "
+        "mean map over all queries (total variation, 0 to 1): near 0 when every query attends the same way "
+        f"(CL's collapse, or uniform attention), larger for local maps. Stored: {html.escape(stored)}.</p>"
         '<div id="ex-panels"></div>'
         f'<script type="application/json" id="explorer-data">{payload}</script>'
         f"<script>{SCRIPT}</script></div>"
@@ -201,6 +203,16 @@ function attention(m,blockIndex,q){
   }
   return heads.length?out:null;
 }
+function querySpread(m,blockIndex){
+  // mean total-variation distance between each query's map and the mean map: 0 = one map for every query
+  const n=m.grid[0]*m.grid[1],maps=[],mean=new Float32Array(n);
+  for(let q=0;q<n;q++){
+    const a=attention(m,blockIndex,q);if(!a)return null;
+    maps.push(a);for(let k=0;k<n;k++)mean[k]+=a[k]/n;
+  }
+  let total=0;for(const a of maps){let d=0;for(let k=0;k<n;k++)d+=Math.abs(a[k]-mean[k]);total+=d/2;}
+  return total/n;
+}
 function nearestBlock(m){
   let best=0;
   m.blocks.forEach((b,i)=>{if(Math.abs(b-state.block)<Math.abs(m.blocks[best]-state.block))best=i;});
@@ -210,10 +222,10 @@ function current(m){
   const [gh,gw]=m.grid,qr=Math.min(gh-1,Math.floor(state.query[0]*gh)),qc=Math.min(gw-1,Math.floor(state.query[1]*gw));
   const b=nearestBlock(m),map=attention(m,b,qr*gw+qc);
   let top=0;if(map)for(const v of map)top=Math.max(top,v);
-  return {b,qr,qc,map,top};
+  return {b,qr,qc,map,top,spread:querySpread(m,b)};
 }
 function draw(m,view,scale){
-  const [gh,gw]=m.grid,{b,qr,qc,map,top}=view,ctx=m.canvas.getContext('2d');
+  const [gh,gw]=m.grid,{b,qr,qc,map,top,spread}=view,ctx=m.canvas.getContext('2d');
   ctx.clearRect(0,0,SIZE,SIZE);ctx.imageSmoothingEnabled=false;
   if(photo)ctx.drawImage(photo,0,0,SIZE,SIZE);
   const cw=SIZE/gw,ch=SIZE/gh;
@@ -226,7 +238,8 @@ function draw(m,view,scale){
   ctx.globalAlpha=1;ctx.strokeStyle='cyan';ctx.lineWidth=2;ctx.strokeRect(qc*cw+1,qr*ch+1,cw-2,ch-2);
   const head=state.head<0||!m.perHead?'mean over heads'
     :(state.head<m.heads?`head ${state.head+1}`:`no head ${state.head+1}`);
-  m.caption.textContent=`block ${m.blocks[b]} · ${head} · query (${qr}, ${qc})`+(map?` · max ${top.toFixed(3)}`:'');
+  m.caption.textContent=`block ${m.blocks[b]} · ${head} · query (${qr}, ${qc})`+(map?` · max ${top.toFixed(3)}`:'')
+    +(spread===null?'':` · query spread ${spread.toFixed(2)}`);
 }
 function drawAll(){
   photo=imageCanvas(state.image);
