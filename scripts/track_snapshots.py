@@ -13,6 +13,10 @@ untrained model of the same architecture is measured too (run ``random``, epoch 
 already in the curves file with every metric are not measured again, and its rows of runs that are
 no longer on disk are kept: the repository's ``docs/figures/learning_curves.csv`` carries the curves
 across machines, since run directories stay out of git. ``--plot`` draws the curves against epochs.
+
+This keeps the bundled models' curves file (and so docs/reproduction.md's tables) on its own images;
+for any other runs use ``vitscope curves RUN [RUN ...]`` (docs/tracking.md), which reads the runs'
+``--track-every`` records or measures their kept encoders afresh, with the training-time measurement.
 """
 
 from __future__ import annotations
