@@ -142,7 +142,7 @@ def test_report_shows_the_run_summary_and_the_claims_table(report_dir):
         assert text in summary, text
     claims = page.split('<section id="claims">')[1].split("</section>")[0]
     saved = json.loads((report_dir / "claims.json").read_text())
-    statuses = re.findall(r'<span class="status [a-z-]+">([a-z ]+)</span>', claims)
+    statuses = re.findall(r'<span class="status [a-z -]+">([^<]+)</span>', claims)
     assert statuses == [v["status"] for v in saved["verdicts"]] and len(statuses) == 7
     assert "late attention distance: CL cl" in claims
 
@@ -284,3 +284,20 @@ def test_load_arrays_roundtrip(tmp_path):
     assert arrays["cl/attention_maps"].shape == (L, 3, *GRID)
     np.testing.assert_allclose(arrays["cl/attention_maps"].sum(axis=(2, 3)), 1.0, rtol=1e-5)
     assert RunDirectory(tmp_path).load_arrays() == {}
+
+
+def test_qualified_and_undecided_statuses_are_amber_never_plain_green():
+    from vitscope.report.claims import ClaimVerdict
+    from vitscope.report.html import _status_class
+
+    def badge(status: str) -> str:
+        return _status_class(ClaimVerdict(1, "t", status, "e"))
+
+    assert badge("holds") == "holds"
+    assert badge("does not hold") == "does-not-hold"
+    assert badge("holds, but CL ≈ untrained") == "holds caveat"
+    assert badge("undecided") == "undecided"
+    from vitscope.report.html import CSS as css
+
+    # the caveat rule comes after .holds, so its amber wins over the green
+    assert css.index(".undecided,.caveat{") > css.index(".holds{")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitscope.report.claims import ClaimsRecord
+from vitscope.report.claims import ClaimsRecord, ClaimVerdict
 from vitscope.report.explorer import EXPLORER_CSS
 from vitscope.report.figures import SavedFigure, hex_color, model_colors
 from vitscope.report.series import ResultView
@@ -163,9 +163,17 @@ p.paper{font-size:.85em;color:#55606b;margin:-4px 0 10px}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:.9em;margin:6px 0}td code,td.spec{word-break:break-all}td,th{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f1f3f5}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .holds{background:#d7f0dc;color:#17692c}.does-not-hold{background:#f8d8d6;color:#9b1c14}.not-measured{background:#e6e8eb;color:#4a5560}
+.undecided,.caveat{background:#fbeccb;color:#7a4e00}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .missing{color:#6b7580;font-style:italic}code{background:#f1f3f5;padding:0 4px;border-radius:3px}
 """
+
+
+def _status_class(verdict: ClaimVerdict) -> str:
+    """CSS classes of a verdict's badge: its outcome, plus ``caveat`` when the status qualifies it (amber,
+    never the plain green of "holds")."""
+    outcome = verdict.outcome.replace(" ", "-")
+    return outcome if verdict.status == verdict.outcome else f"{outcome} caveat"
 
 
 def _e(value: Any) -> str:
@@ -260,7 +268,7 @@ def claims_section(claims: ClaimsRecord | None) -> str:
     rows = [
         [
             _e(v.claim_id),
-            f'<span class="status {v.status.replace(" ", "-")}">{_e(v.status)}</span>',
+            f'<span class="status {_status_class(v)}">{_e(v.status)}</span>',
             _e(v.title),
             _e(v.evidence),
         ]
