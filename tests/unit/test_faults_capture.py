@@ -249,6 +249,7 @@ def test_cli_capture_reports_swin_stages_per_image(capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "hierarchical, 4 layers, 1, 2, 3, 4 heads" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    entropies = {int(row[0]): float(row[-1]) for row in rows}
+    entropies = {int(row[0]): float(row[-1]) for row in rows if row[-1] != "—"}  # depth 0 has no attention
+    assert [row[-1] for row in rows if int(row[0]) == 0] == ["—"]
     for depth in range(1, 5):  # a window of 3x3 tokens (or fewer): the mean row entropy is at most ln 9
         assert 0 < entropies[depth] <= math.log(9) + 1e-6
