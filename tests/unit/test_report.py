@@ -301,3 +301,17 @@ def test_qualified_and_undecided_statuses_are_amber_never_plain_green():
 
     # the caveat rule comes after .holds, so its amber wins over the green
     assert css.index(".undecided,.caveat{") > css.index(".holds{")
+
+
+def test_each_finding_links_the_sections_whose_figures_show_its_evidence():
+    from vitscope.report.claims import ClaimsRecord, ClaimVerdict
+    from vitscope.report.html import CLAIM_SECTIONS, SECTIONS, claims_section
+
+    ids = {section.id for section in SECTIONS}
+    assert set(CLAIM_SECTIONS) == set(range(1, 8))
+    assert all(sid in ids for sids in CLAIM_SECTIONS.values() for sid in sids)
+    record = ClaimsRecord.from_dict(
+        {"roles": {"cl": "a", "mim": "b"}, "verdicts": [ClaimVerdict(5, "t", "holds", "e").to_dict()]}
+    )
+    html = claims_section(record)
+    assert re.findall(r'<a href="#([a-z-]+)">', html) == ["linear-probe"]

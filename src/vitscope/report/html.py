@@ -164,6 +164,7 @@ p.paper{font-size:.85em;color:#55606b;margin:-4px 0 10px}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .holds{background:#d7f0dc;color:#17692c}.does-not-hold{background:#f8d8d6;color:#9b1c14}.not-measured{background:#e6e8eb;color:#4a5560}
 .undecided,.caveat{background:#fbeccb;color:#7a4e00}
+.see{font-size:.85em}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .missing{color:#6b7580;font-style:italic}code{background:#f1f3f5;padding:0 4px;border-radius:3px}
 """
@@ -256,6 +257,24 @@ def _skipped(skipped: list) -> str:
     return f"<details><summary>{len(skipped)} input file(s) skipped</summary><ul>{items}{more}</ul></details>"
 
 
+# The report sections whose figures show each finding's evidence (ids of SECTIONS).
+CLAIM_SECTIONS: dict[int, tuple[str, ...]] = {
+    1: ("attention-distance", "attention-maps"),
+    2: ("nmi", "attention-entropy", "attention-maps"),
+    3: ("token-cosine", "singular-values"),
+    4: ("fourier", "noise-robustness"),
+    5: ("linear-probe",),
+    6: ("depth-cosine", "linear-probe"),
+    7: ("attention-distance", "linear-probe"),
+}
+
+
+def _evidence_links(claim_id: int) -> str:
+    titles = {section.id: section.title for section in SECTIONS}
+    links = [f'<a href="#{_e(sid)}">{_e(titles[sid])}</a>' for sid in CLAIM_SECTIONS.get(claim_id, ())]
+    return f'<br><span class="see">see: {" · ".join(links)}</span>' if links else ""
+
+
 def claims_section(claims: ClaimsRecord | None) -> str:
     if claims is None:
         body = (
@@ -270,7 +289,7 @@ def claims_section(claims: ClaimsRecord | None) -> str:
             _e(v.claim_id),
             f'<span class="status {_status_class(v)}">{_e(v.status)}</span>',
             _e(v.title),
-            _e(v.evidence),
+            _e(v.evidence) + _evidence_links(v.claim_id),
         ]
         for v in claims.verdicts
     ]
