@@ -14,52 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.training import pretrain_args
 from vitscope.cli import build_parser
 from vitscope.commands.pretrain import build_config
 from vitscope.pretrain.trainer import pretrain
 
-ARGS = [
-    "pretrain",
-    "--method",
-    "hybrid",
-    "--mim",
-    "mae",
-    "--model",
-    "vit_tiny_patch16_224",
-    "--model-kwargs",
-    json.dumps({"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
-    "--data",
-    "fashion-mnist-subset",
-    "--num-images",
-    "96",
-    "--steps",
-    "16",
-    "--batch-size",
-    "8",
-    "--lr",
-    "1e-3",
-    "--save-every",
-    "3",
-    "--moco-dim",
-    "32",
-    "--moco-mlp-dim",
-    "64",
-    "--decoder-dim",
-    "32",
-    "--decoder-depth",
-    "1",
-    "--decoder-heads",
-    "2",
-    "--no-progress",
-    "--seed",
-    "3",
-    "--threads",
-    "1",
-]
+
+def _args(out: Path, *extra: str) -> list[str]:
+    """The tiny run of tests/support/training.py as a hybrid (MAE as its MIM half), 16 steps, saved every 3."""
+    return pretrain_args(out, "--mim", "mae", *extra, method="hybrid", steps=16, save_every=3)
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vitscope", *ARGS, "--out", str(out), *extra]
+    return [sys.executable, "-m", "vitscope", *_args(out, *extra)]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -92,7 +59,7 @@ def test_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (--threads 1): CPU sums depend on the thread count
     try:
-        pretrain(build_config(parser.parse_args([*ARGS, "--out", str(reference)])))
+        pretrain(build_config(parser.parse_args(_args(reference))))
     finally:
         torch.set_num_threads(threads)
 
