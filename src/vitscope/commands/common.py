@@ -185,6 +185,23 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})"
 
 
+def add_tracking_arguments(group: argparse._ActionsContainer, *, subject: str) -> None:
+    """``--track-every`` and ``--track-images`` of the training commands; ``subject`` names what is measured."""
+    group.add_argument(
+        "--track-every",
+        type=positive_int,
+        default=None,
+        help=f"every N optimizer steps (and before the first) measure the {subject} on fixed held-out test images: "
+        "attention/token metrics per block, kNN top-1, embedding spread -> log.jsonl and OUT/tensorboard/",
+    )
+    group.add_argument(
+        "--track-images",
+        type=positive_int,
+        default=64,
+        help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
+    )
+
+
 def add_warmup_arguments(group: argparse._ActionsContainer, *, default: str) -> None:
     """``--warmup-steps`` and ``--warmup-epochs``: either one (argparse refuses both), ``default`` when neither."""
     both = group.add_mutually_exclusive_group()

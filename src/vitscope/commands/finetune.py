@@ -12,6 +12,7 @@ import sys
 
 from vitscope.commands.common import (
     ModelKwargs,
+    add_tracking_arguments,
     add_warmup_arguments,
     device_name,
     finite_float,
@@ -80,19 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="continue the run in --out from its train_state.pt (also past its end: give more --epochs)",
     )
     parser.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps")
-    parser.add_argument(
-        "--track-every",
-        type=positive_int,
-        default=None,
-        help="every N optimizer steps (and before the first) measure the model on fixed held-out test images: "
-        "attention/token metrics per block, kNN top-1, embedding spread -> log.jsonl and OUT/tensorboard/",
-    )
-    parser.add_argument(
-        "--track-images",
-        type=positive_int,
-        default=64,
-        help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
-    )
+    add_tracking_arguments(parser, subject="model")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the head, batches and crops")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(

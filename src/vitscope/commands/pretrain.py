@@ -12,6 +12,7 @@ import sys
 from vitscope.commands.common import (
     CommandError,
     ModelKwargs,
+    add_tracking_arguments,
     add_warmup_arguments,
     device_name,
     finite_float,
@@ -87,19 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also keep the encoder every N steps under OUT/snapshots/step-NNNNNNN/ (loadable with file:)",
     )
-    g.add_argument(
-        "--track-every",
-        type=positive_int,
-        default=None,
-        help="every N optimizer steps (and before the first) measure the encoder on fixed held-out test images: "
-        "attention/token metrics per block, kNN top-1, embedding spread -> log.jsonl and OUT/tensorboard/",
-    )
-    g.add_argument(
-        "--track-images",
-        type=positive_int,
-        default=64,
-        help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
-    )
+    add_tracking_arguments(g, subject="encoder")
     g.add_argument(
         "--track-data",
         default=None,
