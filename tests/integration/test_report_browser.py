@@ -140,14 +140,21 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def test_attention_explorer_redraws_for_query_head_block_image_and_model(report_dir, tmp_path):
+@pytest.fixture(scope="module")
+def explorer_steps(report_dir, tmp_path_factory) -> dict:
+    """What the DRIVE script saw: the report's explorer driven once in real Chromium."""
+    tmp_path = tmp_path_factory.mktemp("explorer")
     page = (report_dir / "report.html").read_text()
     driven = tmp_path / "report_driven.html"
     driven.write_text(page.replace("</body>", DRIVE + "</body>"))
     result = chromium(tmp_path, "--window-size=1400,1200", "--dump-dom", driven.as_uri())
     found = re.search(r'<pre id="vitscope-explorer">(.*?)</pre>', result.stdout, re.S)
     assert found, f"no explorer output; chromium stderr: {result.stderr[-2000:]}"
-    steps = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def test_attention_explorer_redraws_for_query_head_block_image_and_model(explorer_steps):
+    steps = explorer_steps
     assert steps["labels"] == ["cl", "mim", "control", "hybrid"]  # the ViTs; no global maps for Swin, ResNet
     models = steps["labels"]
     assert len(set(steps["start"].values())) == len(models)  # each model its own map for the same query
@@ -165,15 +172,9 @@ def test_attention_explorer_redraws_for_query_head_block_image_and_model(report_
     assert steps["hidden"] == ["cl"]
 
 
-def test_explorer_query_spread_equals_the_maps_in_arrays_npz(report_dir, tmp_path):
+def test_explorer_query_spread_equals_the_maps_in_arrays_npz(report_dir, explorer_steps):
     """The caption's query spread (block 3, mean over heads, image 1) against numpy on arrays.npz."""
-    page = (report_dir / "report.html").read_text()
-    driven = tmp_path / "report_driven.html"
-    driven.write_text(page.replace("</body>", DRIVE + "</body>"))
-    result = chromium(tmp_path, "--window-size=1400,1200", "--dump-dom", driven.as_uri())
-    found = re.search(r'<pre id="vitscope-explorer">(.*?)</pre>', result.stdout, re.S)
-    assert found, f"no explorer output; chromium stderr: {result.stderr[-2000:]}"
-    steps = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    steps = explorer_steps
     arrays = RunDirectory(report_dir).load_arrays()
     for model, caption in zip(steps["labels"], steps["startCaptions"]):
         rows = arrays[f"{model}/attention_rows"][0, -1].astype(float)  # image 1, last block: [H, N, N]
