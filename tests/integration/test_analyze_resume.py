@@ -41,6 +41,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     data = image_folder(root / "images")
     done = run_vitscope(argv(data, root / "reference"))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr and "analyse: 24/24 img (100 %)" in done.stderr  # a log's progress: whole lines
     return data, root / "reference"
 
 

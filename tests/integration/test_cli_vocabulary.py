@@ -79,15 +79,18 @@ def test_pretrain_model_is_a_spec_and_other_kinds_are_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_capture_prints_a_dash_where_depth_0_has_no_attention_and_no_bar_frames_in_a_log(tmp_path):
+def test_capture_prints_a_dash_where_depth_0_has_no_attention_and_progress_lines_in_a_log(tmp_path):
     data = image_folder(tmp_path / "images", classes=2, per_class=4)
     argv = ["capture", "--model", TINY_VIT, "--data", f"folder:{data}", "--num-images", "6", "--batch-size", "3"]
-    done = subprocess.run([sys.executable, "-m", "vitscope", *argv], capture_output=True, text=True, env=child_env(),
-                          timeout=120)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "vitscope", *argv], capture_output=True, text=True,
+                          env=child_env({"VITSCOPE_PROGRESS_INTERVAL": "0"}), timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])}
     assert rows["0"][-1] == "—" and float(rows["1"][-1]) > 0 and "nan" not in done.stdout
-    assert "\r" not in done.stderr and "capture:" not in done.stderr  # stderr is a pipe here: no bar
+    # stderr is a pipe here: whole lines (a line per batch at interval 0), no carriage-return frames
+    assert "\r" not in done.stderr
+    assert [line.split(" [")[0] for line in done.stderr.splitlines() if line.startswith("capture:")] == [
+        "capture: 1/2 batch (50 %)", "capture: 2/2 batch (100 %)"]  # fmt: skip
 
 
 def test_pretrain_resume_extends_a_finished_schedule_and_refuses_a_shorter_one(tmp_path, capsys):

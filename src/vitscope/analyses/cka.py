@@ -27,6 +27,7 @@ from vitscope.analyses.features import FEATURE_KINDS, FeatureKind, pooled_featur
 from vitscope.analyses.reducer import Reducer, to_cpu
 from vitscope.capture import Capture, LayerOutput
 from vitscope.metrics.cka import Kernel, as_2d, check_kernel, grams, unbiased_centre
+from vitscope.progress import progress_bar
 from vitscope.results import Row, make_row
 
 __all__ = [
@@ -414,10 +415,8 @@ def cross_model_cka(
     progress: str | None = "cka",
 ) -> CrossModelCKA:
     """Run both captures on every batch and return the filled :class:`CrossModelCKA`."""
-    from tqdm import tqdm
-
     pair = CrossModelCKA(name_a, name_b, features=features, kernel=kernel)
-    for batch in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
+    for batch in progress_bar(batches, desc=progress, unit="batch", enabled=progress is not None):
         if len(batch.images) == 0:
             continue
         images, labels = batch.images.to(device), batch.labels.to(device)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from vitscope.analyses.reducer import Reducer
 from vitscope.capture import Capture, LayerOutput
 from vitscope.data import Batch, SkipCounter
+from vitscope.progress import progress_bar
 
 __all__ = ["ModelPass", "run_lockstep", "run_reducers", "as_batches"]
 
@@ -114,9 +114,8 @@ def run_lockstep(
     seen = 0
     sampler = getattr(loader, "sampler", None)
     share = int(getattr(sampler, "world", 1) or 1)  # this process sees one batch in `share`: show the run's pace
-    # disable=None: tqdm draws no bar when stderr is not a terminal (no carriage-return frames in logs)
-    bar = tqdm(total=getattr(loader, "total_images", None), desc=progress, unit="img", leave=False,
-               dynamic_ncols=True, disable=True if progress is None else None)  # fmt: skip
+    bar = progress_bar(total=getattr(loader, "total_images", None), desc=progress, unit="img",
+                       enabled=progress is not None)  # fmt: skip
     with bar:
         for number, views in enumerate(as_batches(loader)):
             if skips is not None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from vitscope.data import Batch
+from vitscope.progress import progress_bar
 from vitscope.results import Row, make_row
 
 __all__ = ["radial_frequency", "band_masks", "band_limited_noise", "NoiseResult", "noise_robustness"]
@@ -128,7 +128,7 @@ def noise_robustness(
     masks: Tensor | None = None
     correct = torch.zeros(1 + num_bands, dtype=torch.long, device=device)  # clean, then each band; no per-batch sync
     total = 0
-    for batch in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
+    for batch in progress_bar(batches, desc=progress, unit="batch", enabled=progress is not None):
         if len(batch.images) == 0:
             continue
         if int(batch.labels.min()) < 0:  # the loader's labels, still on the CPU

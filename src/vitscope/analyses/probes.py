@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from vitscope.analyses.features import pooled_features
 from vitscope.analyses.reducer import Reducer
 from vitscope.capture import Capture, LayerOutput, make_capture
+from vitscope.progress import progress_bar
 from vitscope.results import Row, make_row
 from vitscope.runtime import single_threaded
 
@@ -315,7 +315,7 @@ def _train_probes(
     num_classes = weight.shape[-1]
     device = x.device
     step = 0
-    for _ in tqdm(range(config.epochs), desc=progress, disable=True if progress is None else None, leave=False):
+    for _ in progress_bar(range(config.epochs), desc=progress, unit="epoch", enabled=progress is not None):
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
             idx = order[start : start + batch]

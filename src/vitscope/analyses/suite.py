@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from vitscope.analyses.attention_maps import AttentionMaps
 from vitscope.analyses.checkpoint import SuiteCheckpoint, array_digest, run_identity, weights_digest
@@ -54,6 +53,7 @@ from vitscope.data import (
     stratified_subset,
 )
 from vitscope.distributed import DistEnv, all_sum, current_env, gather_to_main
+from vitscope.progress import progress_bar
 from vitscope.results import Results
 from vitscope.runmeta import RunMeta, model_meta, run_versions
 
@@ -539,7 +539,7 @@ def _tsne(
     )
     views = _load_all(test_set, test_choice.subset(picked))
     arrays = {}
-    for entry in tqdm(entries, desc="t-SNE", unit="model", leave=False, disable=None):
+    for entry in progress_bar(entries, desc="t-SNE", unit="model"):
         images = views[entry.run.view].images.to(config.device)
         h, w = entry.run.capture.facts.grid_for((int(images.shape[-2]), int(images.shape[-1])))
         points = token_tsne(

@@ -6,12 +6,12 @@ import argparse
 import math
 
 import torch
-from tqdm import tqdm
 
 from vitscope.capture import LayerOutput, make_capture
 from vitscope.commands.common import non_negative_int, positive_int
 from vitscope.data import SkipCounter, build_transform, make_loader, open_dataset
 from vitscope.models import load_model
+from vitscope.progress import progress_bar
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     summary, skips = LayerSummary(), SkipCounter()
     seen = 0
     torch.manual_seed(args.seed)
-    for batch in tqdm(loader, desc="capture", unit="batch", disable=None):
+    for batch in progress_bar(loader, desc="capture", unit="batch"):
         skips.update(batch)
         if len(batch.images):
             capture.run(batch.images, summary)

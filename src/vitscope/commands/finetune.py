@@ -88,7 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast: auto = bf16 on CUDA"
     )
     parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (none is drawn when not on a terminal)"
+        "--no-progress", action="store_true", help="no progress (a live bar on a terminal, a line every 30 s in a log)"
     )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads for torch (1 is fastest on a busy machine)"

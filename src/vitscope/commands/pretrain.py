@@ -105,7 +105,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="autocast: auto = bf16 on CUDA, fp32 on CPU (default: %(default)s)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when not on a terminal)")
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress (a live bar on a terminal, a line every 30 s in a log)"
+    )
     g.add_argument(
         "--threads",
         type=positive_int,

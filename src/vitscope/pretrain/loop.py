@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from vitscope.distributed import DistEnv, all_sum
 from vitscope.pretrain.finite import NonFiniteGradient, describe_tensors
+from vitscope.progress import progress_bar
 
 if TYPE_CHECKING:
     from vitscope.pretrain.tracking import Tracker
@@ -130,10 +131,7 @@ def _kept(checkpointing: Checkpointing, out: Path, last_saved: int) -> str:
 def _progress(start: int, total: int, enabled: bool, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm
-
-    # disable=None: no bar when stderr is not a terminal (a log file gets no carriage-return frames)
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    return progress_bar(total=total, initial=start, desc=desc, unit="step")
 
 
 def run_loop(

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
+from vitscope.progress import progress_bar
 from vitscope.report.claims import ClaimsRecord, ClaimVerdict, Roles, evaluate_claims, load_claims, save_claims
 from vitscope.report.explorer import EXPLORER_MAX_BYTES, explorer_html, explorer_models
 from vitscope.report.figures import SavedFigure, build_figures, hex_color, model_colors, save_figure
@@ -83,7 +82,7 @@ def render_report(
         arrays = run_dir.load_arrays()
         claims = _claims_for(run_dir.path, results, verdicts, roles)
         saved = []
-        for named in tqdm(build_figures(view, arrays), desc="figures", unit="fig", leave=False, disable=None):
+        for named in progress_bar(build_figures(view, arrays), desc="figures", unit="fig"):
             figure = save_figure(named, run_dir, svg=svg)
             saved.append((figure, figure.png.read_bytes()))
         _drop_stale_figures(run_dir, saved)
