@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,9 +16,8 @@ from vitscope.cli import main
 
 TINY = "random:vit_small_patch16_224?img_size=32&patch_size=8&embed_dim=32&depth=2&num_heads=4"
 MODELS = {"cl": TINY + "&seed=1", "mim": TINY + "&seed=2"}
-SMALL = dict(
-    num_images=24, probe_train_images=24, noise_images=8, batch_size=8, probe_epochs=3, tsne_classes=2, tsne_per_class=2
-)
+SMALL = dict(num_images=24, probe_train_images=24, noise_images=8, batch_size=8, probe_epochs=3)
+SMALL.update(tsne_classes=2, tsne_per_class=2, attention_images=2)
 EXPECTED_METRICS = {
     "attention_distance",
     "nmi",
@@ -60,6 +60,8 @@ def run_dir(tmp_path_factory):
         "8",
         "--probe-epochs",
         "3",
+        "--attention-images",
+        "2",
         "--cl",
         "cl",
         "--mim",
@@ -95,10 +97,10 @@ def test_analyze_writes_every_file(run_dir):
     assert {"attention_distance", "nmi", "linear_probe", "noise_robustness", "cka"} <= figures
     assert {p.stem for p in (out / "figures").glob("*.svg")} == figures
     with np.load(out / "arrays.npz") as arrays:
-        assert arrays["cl/attention_rows"].shape == (3, 2, 4, 16, 16)  # images, blocks, heads, N, N
+        assert arrays["cl/attention_rows"].shape == (2, 2, 4, 16, 16)  # --attention-images, blocks, heads, N, N
         assert arrays["cl/attention_blocks"].tolist() == [1, 2]
-        assert arrays["example_image"].shape == (3, 32, 32)
-        assert arrays["example_images"].shape == (3, 32, 32, 3)
+        assert arrays["example_image"].shape == (3, 32, 32)  # the static figure's three images
+        assert arrays["example_images"].shape == (2, 32, 32, 3)
 
 
 def test_analyze_csv_equals_python_api(run_dir):
@@ -140,3 +142,22 @@ def test_analyze_bad_inputs_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "bogus" in capsys.readouterr().err
+
+
+def explorer_data(page: str) -> dict:
+    found = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page, re.S)
+    assert found
+    return json.loads(found.group(1))
+
+
+def test_report_explorer_cap_is_a_flag(run_dir, capsys):
+    out, _ = run_dir
+    before = explorer_data((out / "report.html").read_text())
+    assert [(m["label"], m["count"], m["heads"]) for m in before["models"]] == [("cl", 2, 4), ("mim", 2, 4)]
+    per_image = 2 * 4 * 16 * 16  # blocks × heads × N² bytes of one model's maps of one image
+    assert main(["report", str(out), "--no-svg", "--explorer-mb", str(2 * per_image / 2**20)]) == 0
+    capped = explorer_data((out / "report.html").read_text())
+    assert [(m["label"], m["count"], m["heads"]) for m in capped["models"]] == [("cl", 1, 4), ("mim", 1, 4)]
+    with pytest.raises(SystemExit):
+        main(["report", str(out), "--explorer-mb", "0"])
+    assert "argument --explorer-mb: must be in (0, ∞), got 0" in capsys.readouterr().err

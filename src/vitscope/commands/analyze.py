@@ -92,6 +92,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice, probes and t-SNE")
     parser.add_argument("--probe-epochs", type=positive_int, default=100, help="epochs of each linear probe")
     parser.add_argument(
+        "--attention-images",
+        type=non_negative_int,
+        default=3,
+        help="test images whose per-head attention maps are kept for the report's explorer (default: %(default)s)",
+    )
+    parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         analyses=analyses,
         probe_epochs=args.probe_epochs,
+        attention_images=args.attention_images,
         num_workers=args.workers,
         noise_relative_norm=args.noise_norm,
     )
