@@ -87,7 +87,7 @@ def test_claims_takes_the_runs_roles_and_ends_with_one_summary_line(tmp_path, ca
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[-1] == (
-        "findings 2, 3, 4, 6, 7 of 7 hold; 1: holds, but CL ≈ untrained; 5: undecided; "
+        "findings 2, 3, 4, 6 of 7 hold; 1: holds, but CL ≈ untrained; 5, 7: undecided; "
         f"report: `vitscope report {out}` shows them in {out / 'report.html'}"
     )
     assert len(lines) == 1 + 7 + 2 and all(len(line) <= 120 for line in lines[:8])  # header, 7 findings, wrote
@@ -96,6 +96,7 @@ def test_claims_takes_the_runs_roles_and_ends_with_one_summary_line(tmp_path, ca
     )
     assert "warning: finding 5 cannot be decided on this run (too few test images to decide" in captured.err
     assert "n=40: one image = 2.5 points" in captured.err
+    assert "warning: finding 7 cannot be decided on this run" in captured.err  # the hybrid's +7 points, n=40
     assert load_claims(out).roles.control == "control"
     # a flag overrides its role alone; --full prints the whole evidence
     assert main(["claims", str(out), "--hybrid", "mim", "--mim", "hybrid", "--full"]) == 0

@@ -273,6 +273,17 @@ def test_hybrid_fails_when_it_does_not_beat_cl():
     assert v.evidence.startswith("the hybrid does not beat both in linear probing")
 
 
+def test_hybrid_beating_cl_within_the_margin_or_the_interval_is_not_a_win():
+    # 83 % vs CL's 80 %: 3 points, under the margin (5 % of 83 = 4.15): does not hold, however many images
+    close = {("hybrid", "probe_cls"): [46.0, 56.0, 66.0, 72.0, 79.0, 83.0]}
+    v = verdicts(hybrid="hybrid", overrides=close, probe_n=20_000)[7]
+    assert v.status == FAILS and v.evidence.startswith("the hybrid does not beat both in linear probing")
+    # 87 % vs 80 %: 7 points clear the margin, but on 100 test images their interval reaches 0
+    v = verdicts(hybrid="hybrid", probe_n=100)[7]
+    assert v.status == UNDECIDED and "too few test images to decide: +7.0 points" in v.evidence
+    assert verdicts(hybrid="hybrid", probe_n=500)[7].status == HOLDS
+
+
 def test_hybrid_fails_when_its_early_layers_look_like_cl():
     v = verdicts(hybrid="hybrid", overrides={("hybrid", "attention_distance"): PROFILES["cl"]["attention_distance"]})[7]
     assert v.status == FAILS

@@ -681,8 +681,10 @@ def claim_hybrid(ctx: _Context) -> ClaimVerdict:
     else:
         best = max(cl, mim, key=lambda p: p.value)
         checks.append(
-            Check(
-                hybrid.value >= best.value,
+            _probe_check(  # the probe rule, as for finding 5: beyond the margin, and the interval excludes 0
+                hybrid,
+                best,
+                _probe_margin(hybrid, best, ctx.tol),
                 f"last-layer probe: hybrid {hybrid.text()} vs best of CL/MIM {best.text()}",
                 failure="the hybrid does not beat both in linear probing",
             )
