@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import timm
@@ -107,6 +108,39 @@ def test_an_attention_whose_heads_are_not_probabilities_times_values_is_refused(
         make_capture(model).collect(images())
     layers = make_capture(model, attention=False).collect(images())  # tokens and branches need no attention
     assert layers[-1].mlp_branch is not None
+
+
+class CountingAttention(Attention):
+    """timm's attention, counting the rows of every input it is given."""
+
+    rows: ClassVar[list[int]] = []
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        CountingAttention.rows.append(int(x.shape[0]))
+        return super().forward(x, *args, **kwargs)
+
+
+def test_the_first_batch_checks_the_model_on_its_first_two_images_and_still_catches_a_fault() -> None:
+    model = build("vit_small_patch16_224", **SMALL)
+    for block in model.blocks:
+        block.attn.__class__ = CountingAttention
+    CountingAttention.rows = []
+    capture = make_capture(model)
+    capture.collect(images(batch=5))  # verified: each module ran on 5 images, then again on 2 to show its values
+    capture.collect(images(batch=5))  # verified already: no second call
+    assert CountingAttention.rows == [5, 2, 5, 2, 5, 5]
+    for block in model.blocks:
+        block.attn.__class__ = TanhAttention
+    with pytest.raises(UnsupportedModelError, match=r"per-head outputs differ from attention x values"):
+        make_capture(model).collect(images(batch=5))
+
+
+def test_shifted_window_attention_is_checked_on_the_first_images_windows_with_its_whole_mask() -> None:
+    kwargs = dict(img_size=36, embed_dim=24, depths=(2, 2, 1, 1), num_heads=(1, 2, 3, 4), window_size=3, num_classes=0)
+    model = build("swin_tiny_patch4_window7_224", **kwargs)  # blocks 2 and 4 shift their windows (a mask)
+    x = images(36, batch=5)
+    layers = make_capture(model).collect(x)
+    assert_attention_is_the_models(layers, own_attention(model, x))
 
 
 # -- parallel blocks -----------------------------------------------------------------------------------------

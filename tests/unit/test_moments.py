@@ -74,7 +74,10 @@ def row_map(results: Results) -> dict[tuple, dict]:
     return {(r["metric"], r["layer"], r["head"], r.get("freq"), r.get("index")): r for r in results.rows}
 
 
-def test_streamed_means_and_stderr_equal_whole_set(model, images):
+@pytest.mark.parametrize("chunk_bytes", [None, 2 * 4 * 16 * 16 * 4, 1], ids=["one-chunk", "2-images", "1-image"])
+def test_streamed_means_and_stderr_equal_whole_set(model, images, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # the attention reduced a few images at a time (4 heads × 16² × float32 per image)
+        monkeypatch.setattr("vitscope.metrics.attention.REDUCTION_CHUNK_BYTES", chunk_bytes)
     streamed = analyze_model(model, batches(images, [3, 1, 3]), label="vit", progress=None, spectrum_groups=None)
     rows = row_map(streamed)
     expected = whole_set_values(model, images)

@@ -37,6 +37,7 @@ from vitscope.metrics import (
     entropy_from_parts,
     fourier_log_amplitude_diagonal,
     head_cosine_similarity,
+    image_chunks,
     key_marginal,
     mean_row_kl_to_uniform,
     nmi_from_parts,
@@ -91,7 +92,9 @@ class AttentionReducer(MomentsReducer):
     over an image's windows.
 
     Ã is built once per block (renormalised, contiguous, float32) and shared by the three metrics;
-    the mean row KL to uniform (log N − entropy) is computed once for both NMI and entropy.
+    the mean row KL to uniform (log N − entropy) is computed once for both NMI and entropy. The attention
+    is reduced a few images at a time (:func:`~vitscope.metrics.image_chunks`), so that the passes over
+    each chunk run in the cache.
     """
 
     names = ("attention_distance", "nmi", "attention_entropy")
@@ -100,17 +103,23 @@ class AttentionReducer(MomentsReducer):
         if layer.attn is None:
             return
         prefix = layer.num_prefix_tokens if layer.window is None else 0  # windows hold spatial tokens only
-        probs = spatial_attention_for_reduction(layer.attn, prefix)
+        parts = [self._reduce(chunk, prefix, layer) for chunk in image_chunks(layer.attn)]  # the same numbers
+        for name, values in zip(("attention_distance", "attention_entropy", "nmi"), zip(*parts)):
+            if values[0] is not None:
+                self.add_per_head(name, layer.depth, layer.per_image(torch.cat(values)))
+
+    def _reduce(self, attn: Tensor, prefix: int, layer: LayerOutput) -> tuple[Tensor | None, ...]:
+        """(distance, entropy, NMI) [b, H] of a chunk of the attention, None where not asked for."""
+        probs = spatial_attention_for_reduction(attn, prefix)
+        distance = entropy = nmi = None
         if self.wants("attention_distance"):
             distance = attention_distance(probs, layer.attention_grid, layer.patch_size)
-            self.add_per_head("attention_distance", layer.depth, layer.per_image(distance))
         if self.wants("nmi", "attention_entropy"):
             row_kl = mean_row_kl_to_uniform(probs)
             entropy = entropy_from_parts(row_kl, probs.shape[-1])
-            self.add_per_head("attention_entropy", layer.depth, layer.per_image(entropy))
             if self.wants("nmi"):
-                self.add_per_head("nmi", layer.depth, layer.per_image(nmi_from_parts(row_kl, key_marginal(probs))))
-        del probs
+                nmi = nmi_from_parts(row_kl, key_marginal(probs))
+        return distance, entropy, nmi
 
 
 class TokenCosineReducer(MomentsReducer):

@@ -41,7 +41,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
+from vitscope.capture.blocks import VERIFY_IMAGES, BlockCapture, UnsupportedModelError
 from vitscope.capture.layer import ModelFacts, OnLayer, pair
 
 __all__ = ["HFCapture", "HFLayout", "LAYOUTS", "REFUSED", "find_layout", "supported_classes"]
@@ -339,9 +339,11 @@ class HFCapture(BlockCapture):
         def block_out(_m: nn.Module, _args: tuple, output: Any) -> None:
             tokens = _first(output)
             extra = {name: slot.pop(name, None) for name in ("attn", "head_outputs")}
-            if self.attention:
-                heads = cast(int, self.facts.num_heads)
-                self.check_attention(depth, extra["attn"], extra["head_outputs"], slot.pop("values", None), heads)
+            if self.attention and not self._verified:  # the model is checked, on its first images
+                heads, keep = cast(int, self.facts.num_heads), VERIFY_IMAGES
+                read = (extra["attn"], extra["head_outputs"], slot.pop("values", None))
+                attn, head_outputs, values = (None if t is None else t[:keep] for t in read)
+                self.check_attention(depth, attn, head_outputs, values, heads)
             if self.branches:
                 extra.update(self._branches(depth, slot, tokens))
             slot.clear()

@@ -40,7 +40,7 @@ from typing import Protocol, SupportsInt, cast
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture.blocks import BlockCapture, UnsupportedModelError
+from vitscope.capture.blocks import BlockCapture, UnsupportedModelError, first_images
 from vitscope.capture.layer import LayerOutput, ModelFacts, OnLayer, pair
 from vitscope.capture.timm_layout import (
     block_heads,
@@ -139,6 +139,7 @@ class ViTCapture(BlockCapture):
         self.branches = branches
         self._verified = False
         self._probing = False  # True while an attention module runs again to show its values (first batch)
+        self._batch_images = 0  # images in the batch being captured
         self.heads = [block_heads(block) for block in self.blocks]  # per block: Swin stages differ
         self.facts = self._read_facts()
 
@@ -189,6 +190,7 @@ class ViTCapture(BlockCapture):
     def run(self, images: Tensor, on_layer: OnLayer, *, grad: bool = False) -> Tensor:
         """One forward pass; ``on_layer`` sees depth 0..L in order. Returns the model's output."""
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
+        self._batch_images = int(images.shape[0])
         handles: list[torch.utils.hooks.RemovableHandle] = []
         slot: dict[str, Tensor] = {}
 
@@ -306,13 +308,21 @@ class ViTCapture(BlockCapture):
         def verify(module: nn.Module, args: tuple, kwargs: dict, _output: Tensor) -> None:
             if self._verified or self._probing:
                 return
+            args, kwargs, rows = first_images(args, kwargs, self._batch_images)  # the module, not the data, is checked
             self._probing = True
             try:
                 with torch.no_grad():  # forward itself: the module's own hooks (this one) do not run again
                     module.forward(*args, **kwargs)
             finally:
                 self._probing = False
-            self.check_attention(depth, slot.get("attn"), slot.get("head_outputs"), slot.pop("values", None), heads)
+            attn, head_outputs = slot.get("attn"), slot.get("head_outputs")
+            self.check_attention(
+                depth,
+                None if attn is None else attn[:rows],
+                None if head_outputs is None else head_outputs[:rows],
+                slot.pop("values", None),
+                heads,
+            )
 
         head_norm = getattr(attn_module, "norm", None)
         target = head_norm if isinstance(head_norm, nn.Module) else cast(nn.Module, attn_module.proj)
