@@ -46,6 +46,7 @@ from vitscope.metrics import (
     spatial_attention_for_reduction,
     token_cosine_similarity,
 )
+from vitscope.metrics.tensors import reduction_dtype
 from vitscope.results import Results
 from vitscope.runmeta import RunMeta, model_meta, run_versions
 
@@ -99,6 +100,22 @@ class AttentionReducer(MomentsReducer):
 
     names = ("attention_distance", "nmi", "attention_entropy")
 
+    def __init__(self, metrics: Iterable[str] | None = None) -> None:
+        super().__init__(metrics)
+        self._buffers: list[Tensor | None] = [None, None]  # Ã and its logs, reused from chunk to chunk
+
+    def _buffer(self, slot: int, attn: Tensor) -> Tensor:
+        """A flat float32 (float64) scratch buffer with room for ``attn``; grown when a larger chunk comes."""
+        dtype, size = reduction_dtype(attn), attn.numel()
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != attn.device:
+            buffer = self._buffers[slot] = torch.empty(size, dtype=dtype, device=attn.device)
+        return buffer
+
+    def end_batch(self) -> None:
+        if any(b is not None and b.device.type != "cpu" for b in self._buffers):
+            self._buffers = [None, None]  # a GPU's caching allocator reuses memory anyway: hold none between batches
+
     def update(self, layer: LayerOutput) -> None:
         if layer.attn is None:
             return
@@ -110,12 +127,12 @@ class AttentionReducer(MomentsReducer):
 
     def _reduce(self, attn: Tensor, prefix: int, layer: LayerOutput) -> tuple[Tensor | None, ...]:
         """(distance, entropy, NMI) [b, H] of a chunk of the attention, None where not asked for."""
-        probs = spatial_attention_for_reduction(attn, prefix)
+        probs = spatial_attention_for_reduction(attn, prefix, out=self._buffer(0, attn))
         distance = entropy = nmi = None
         if self.wants("attention_distance"):
             distance = attention_distance(probs, layer.attention_grid, layer.patch_size)
         if self.wants("nmi", "attention_entropy"):
-            row_kl = mean_row_kl_to_uniform(probs)
+            row_kl = mean_row_kl_to_uniform(probs, self._buffer(1, attn))
             entropy = entropy_from_parts(row_kl, probs.shape[-1])
             if self.wants("nmi"):
                 nmi = nmi_from_parts(row_kl, key_marginal(probs))

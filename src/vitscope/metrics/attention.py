@@ -33,20 +33,31 @@ __all__ = [
 ]
 
 
-def spatial_attention_for_reduction(attn: Tensor, num_prefix_tokens: int) -> Tensor:
+def spatial_attention_for_reduction(attn: Tensor, num_prefix_tokens: int, out: Tensor | None = None) -> Tensor:
     """Ã [B, H, N, N] as a contiguous float32 (float64) tensor, in one pass over the full attention.
 
     Like :func:`spatial_attention`, but the row sums are taken in the reduction dtype; bf16/fp16 attention
-    is upcast to float32 once and renormalised in place.
+    is upcast to float32 once and renormalised in place. ``out``: a contiguous buffer of at least Ã's size to
+    write into (a reducer passes the same one for every chunk: a fresh one of many MB costs page faults).
     """
     check_attention(attn)
     spatial = attn[..., num_prefix_tokens:, num_prefix_tokens:]
     dtype = reduction_dtype(attn)
+    out = _scratch(out, spatial.shape, dtype, spatial.device)
     if spatial.dtype != dtype:  # bf16/fp16: upcast first, then renormalise in place (a mixed-dtype division is slow)
-        upcast = spatial.to(dtype, memory_format=torch.contiguous_format)
-        return upcast.div_(upcast.sum(dim=-1, keepdim=True).clamp_min_(1e-12))
+        out.copy_(spatial)
+        return out.div_(out.sum(dim=-1, keepdim=True).clamp_min_(1e-12))
     row_sums = spatial.sum(dim=-1, keepdim=True, dtype=dtype).clamp_min_(1e-12)
-    return spatial / row_sums
+    return torch.div(spatial, row_sums, out=out)
+
+
+def _scratch(out: Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The front of ``out`` (a contiguous buffer of at least this many elements, dtype and device) viewed as
+    ``shape``, else a new tensor."""
+    size = math.prod(shape)
+    if out is not None and out.dtype == dtype and out.device == device and out.is_contiguous() and out.numel() >= size:
+        return out.view(-1)[:size].view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 REDUCTION_CHUNK_BYTES = 16 * 2**20
@@ -100,18 +111,19 @@ def attention_distance(attn: Tensor, grid: tuple[int, int], patch_size: int | tu
     return (probs.reshape(b, heads, n * n) @ dist.reshape(n * n)) / n
 
 
-def mean_row_kl_to_uniform(attn: Tensor) -> Tensor:
+def mean_row_kl_to_uniform(attn: Tensor, scratch: Tensor | None = None) -> Tensor:
     """[B, H]: mean over queries of KL(Ã_q ‖ uniform) = (1/N) Σ_qk Ã_qk log(N·Ã_qk) = log N − entropy.
 
     Working with log(N·Ã) rather than log Ã keeps every term near 0 for near-uniform attention, so
     the float32 sums do not lose the small differences that NMI is made of (about 50× smaller error
     than log Ã at N = 196). log is taken of max(N·Ã, 1e-38) in one buffer (0·log 0 = 0) and
     contracted with Ã by ``vecdot``, cheaper than xlogy followed by a sum (and 2.5x faster than a
-    batched matrix product of [1, N²] by [N², 1] on a CPU).
+    batched matrix product of [1, N²] by [N², 1] on a CPU). ``scratch``: a contiguous buffer of at least Ã's
+    size to hold the logs (reused by a reducer from chunk to chunk).
     """
     b, heads, n, _ = attn.shape
     probs = as_reduction(attn).reshape(b, heads, n * n)
-    logs = torch.mul(probs, float(n))
+    logs = torch.mul(probs, float(n), out=_scratch(scratch, probs.shape, probs.dtype, probs.device))
     logs.clamp_min_(TINY if probs.dtype == torch.float32 else 1e-300).log_()
     return torch.linalg.vecdot(probs, logs) / n  # [B, H]
 
