@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogLocator, NullLocator
-from scipy.stats import binomtest
 
 from vitscope.report.claims import band_shares
 from vitscope.report.series import ResultView
@@ -323,6 +322,8 @@ def fig_residual(view: ResultView, arrays: Arrays, colors: Mapping[str, tuple]) 
 
 def binomial_interval(accuracy: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval (low, high) of accuracies (fractions) measured on ``n`` images each (scipy)."""
+    from scipy.stats import binomtest  # imported here: scipy.stats costs every vitscope command a second at start
+
     bounds = [
         binomtest(round(float(a) * float(m)), int(m)).proportion_ci(confidence_level=level, method="wilson")
         for a, m in zip(accuracy, n)
