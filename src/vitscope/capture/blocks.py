@@ -14,7 +14,14 @@ from torch.utils.hooks import RemovableHandle
 
 from vitscope.capture.layer import Capture, LayerOutput
 
-__all__ = ["BlockCapture", "UnsupportedModelError", "VERIFY_IMAGES", "attention_problem", "first_images"]
+__all__ = [
+    "BlockCapture",
+    "UnsupportedModelError",
+    "VERIFY_IMAGES",
+    "attention_problem",
+    "first_images",
+    "first_tensor",
+]
 
 Extra = Mapping[str, Tensor | None]  # the optional tensors of a LayerOutput, by field name
 
@@ -77,9 +84,8 @@ def first_images(args: tuple, kwargs: dict, images: int, keep: int = VERIFY_IMAG
     The first input is [B', ...] with B' = B·W rows (W windows or heads per image: Swin, SAM); every tensor
     input with the same first dimension is cut alike, the rest (a window mask) is kept whole.
     """
-    first = _first_input(args, kwargs)
-    total = int(first.shape[0]) if first is not None else 0
-    if first is None or images <= keep or total % images:
+    total = int(first_tensor(args, kwargs).shape[0])
+    if images <= keep or total % images:
         return args, kwargs, total
     rows = total // images * keep
 
@@ -89,11 +95,13 @@ def first_images(args: tuple, kwargs: dict, images: int, keep: int = VERIFY_IMAG
     return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}, rows
 
 
-def _first_input(args: tuple, kwargs: dict) -> Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value
-    return None
+def first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a block (or its attention) is called with, positionally or as ``x=``."""
+    if args:
+        return args[0]
+    if "x" in kwargs:
+        return kwargs["x"]
+    raise RuntimeError("block called without hidden states")
 
 
 class BlockCapture(Capture):

@@ -40,7 +40,7 @@ from typing import Protocol, SupportsInt, cast
 import torch
 from torch import Tensor, nn
 
-from vitscope.capture.blocks import BlockCapture, UnsupportedModelError, first_images
+from vitscope.capture.blocks import BlockCapture, UnsupportedModelError, first_images, first_tensor
 from vitscope.capture.layer import LayerOutput, ModelFacts, OnLayer, pair
 from vitscope.capture.timm_layout import (
     block_heads,
@@ -65,15 +65,6 @@ class _FusedAttention(Protocol):
 
 def is_vision_transformer(model: nn.Module) -> bool:
     return bool(transformer_blocks(model))
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
-    """The hidden states a block is called with, positionally or as ``x=``."""
-    if args:
-        return args[0]
-    if "x" in kwargs:
-        return kwargs["x"]
-    raise RuntimeError("block called without hidden states")
 
 
 def _as_tokens(x: Tensor) -> Tensor:
@@ -200,7 +191,7 @@ class ViTCapture(BlockCapture):
             return self._layer(depth, hidden, image_hw, extra or {}, window)
 
         def on_first_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            on_layer(make_layer(0, _first_tensor(args, kwargs)))
+            on_layer(make_layer(0, first_tensor(args, kwargs)))
 
         handles.append(self.blocks[0].register_forward_pre_hook(on_first_input, with_kwargs=True))
         for depth, block in enumerate(self.blocks, start=1):
@@ -258,7 +249,7 @@ class ViTCapture(BlockCapture):
         window = _window_of(block)
 
         def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            slot["stream_in"] = _first_tensor(args, kwargs)
+            slot["stream_in"] = first_tensor(args, kwargs)
 
         def block_out(_m: nn.Module, _args: tuple, output: Tensor) -> None:
             extra: _Extra = {}
