@@ -36,6 +36,22 @@ def _weights(run: Path, name: str = "encoder.safetensors") -> dict[str, torch.Te
     return load_file(str(run / name))
 
 
+def _interrupt_then_resume(monkeypatch, args: list[str], at_step: int, resume_extra: tuple[str, ...] = ()) -> None:
+    """``vitscope pretrain ARGS`` stopped by Ctrl-C in optimizer step ``at_step`` (exit 130), then resumed."""
+    real, calls = trainer.backward_and_step, {"n": 0}
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer, "backward_and_step", interrupted)
+    assert main(args) == 130
+    monkeypatch.setattr(trainer, "backward_and_step", real)
+    assert main([*args, "--resume", *resume_extra]) == 0
+
+
 def _track_records(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     return [r for r in records if r.get("kind") == "track"]
@@ -82,18 +98,7 @@ def test_resumed_tracking_reads_back_from_tensorboard_as_logged(tmp_path: Path, 
 
     run = tmp_path / "run"
     args = pretrain_args(run, "--track-every", "2", method="simmim", steps=6, save_every=2)
-    real, calls = trainer.backward_and_step, {"n": 0}
-
-    def interrupted_in_step_6(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(trainer, "backward_and_step", interrupted_in_step_6)
-    assert main(args) == 130
-    monkeypatch.setattr(trainer, "backward_and_step", real)
-    assert main([*args, "--resume"]) == 0
+    _interrupt_then_resume(monkeypatch, args, at_step=6)
 
     records = _track_records(run)
     assert [r["trained_steps"] for r in records] == [0, 2, 4, 6]  # step 4 measured once, before the interruption
@@ -161,16 +166,5 @@ def test_collapsed_embeddings_warn_naming_metric_and_threshold() -> None:
 def test_tracking_switched_on_at_resume_measures_from_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
     args = pretrain_args(run, method="mae", steps=4, save_every=2)
-    real, calls = trainer.backward_and_step, {"n": 0}
-
-    def interrupted_in_step_4(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(trainer, "backward_and_step", interrupted_in_step_4)
-    assert main(args) == 130
-    monkeypatch.setattr(trainer, "backward_and_step", real)
-    assert main([*args, "--resume", "--track-every", "2"]) == 0
+    _interrupt_then_resume(monkeypatch, args, at_step=4, resume_extra=("--track-every", "2"))
     assert [r["trained_steps"] for r in _track_records(run)] == [2, 4]
