@@ -128,3 +128,6 @@ def test_pretrain_spec_options_go_to_timm_under_model_kwargs():
     base = ["pretrain", "--method", "mae", "--out", "x", "--model", "random:vit_tiny_patch16_224?img_size=16&depth=2"]
     config = build_config(parser.parse_args([*base, "--model-kwargs", "depth=3"]))
     assert config.arch == "vit_tiny_patch16_224" and config.model_kwargs == {"img_size": 16, "depth": 3}
+    assert config.objective.simmim_head_depth == 0  # the official linear head unless asked
+    config = build_config(parser.parse_args([*base, "--simmim-head-depth", "2", "--decoder-dim", "48"]))
+    assert (config.objective.simmim_head_depth, config.objective.decoder_dim) == (2, 48)

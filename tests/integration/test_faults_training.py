@@ -177,7 +177,7 @@ PRETRAIN_BAD = [
     ("--cl-weight", "1.5"), ("--moco-t", "nan"), ("--moco-t", "0"), ("--moco-m", "nan"), ("--moco-m", "1.01"),
     ("--mask-ratio", "nan"), ("--mask-ratio", "0"), ("--mask-ratio", "1"), ("--crop-min-scale", "nan"),
     ("--crop-min-scale", "0"), ("--crop-min-scale", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"),
-    ("--device", "tpu"), ("--device", "cuda:x"),
+    ("--simmim-head-depth", "-1"), ("--device", "tpu"), ("--device", "cuda:x"),
 ]  # fmt: skip
 FINETUNE_BAD = [
     ("--lr", "nan"), ("--blr", "inf"), ("--layer-decay", "nan"), ("--layer-decay", "0"), ("--layer-decay", "1.5"),

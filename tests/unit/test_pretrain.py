@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from timm.models.vision_transformer import Block
 
 from vitscope.pretrain import TrainConfig, TrainingDiverged, augment, pretrain
 from vitscope.pretrain.batches import BatchPlan
@@ -142,9 +143,13 @@ def test_patchify_roundtrip_and_order() -> None:
 
 
 # ------------------------------------------------------------------------------------- objectives
-@pytest.mark.parametrize("method", ["moco", "simmim", "mae", "hybrid"])
-def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
-    objective = _objective(method)
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("moco", {}), ("simmim", {}), ("simmim", {"simmim_head_depth": 2}), ("mae", {}), ("hybrid", {})],
+    ids=["moco", "simmim", "simmim-block-head", "mae", "hybrid"],
+)
+def test_loss_decreases_on_a_fixed_batch(method: str, options: dict) -> None:
+    objective = _objective(method, **options)
     inputs = objective.prepare(_images(16), torch.Generator().manual_seed(0), momentum=0.99)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=3e-3)
     losses = []
@@ -155,6 +160,27 @@ def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+
+def test_simmim_linear_head_predicts_each_patch_from_its_own_token_and_a_block_head_mixes_them() -> None:
+    """The official head (depth 0) is one linear layer under the key names old runs saved; a head
+    of blocks (SimMIM's head ablation) lets one token's output change another patch's prediction."""
+    linear = _objective("simmim")
+    assert isinstance(linear.pixel_head, torch.nn.Linear)
+    assert [k for k in linear.state_dict() if k.startswith("pixel_head")] == ["pixel_head.weight", "pixel_head.bias"]
+    blocks = _objective("simmim", simmim_head_depth=2)
+    assert sum(isinstance(m, Block) for m in blocks.pixel_head.modules()) == 2
+    tokens = torch.randn(1, 16, TINY["embed_dim"])
+    moved = tokens.clone()
+    moved[0, 5] += 1.0
+    for objective, mixes in ((linear, False), (blocks, True)):
+        with torch.no_grad():
+            before, after = objective.pixel_head(tokens), objective.pixel_head(moved)
+        others = torch.arange(16) != 5
+        assert not torch.equal(before[0, 5], after[0, 5])
+        assert torch.equal(before[0, others], after[0, others]) is not mixes
+    with pytest.raises(ValueError, match="simmim_head_depth"):
+        ObjectiveConfig(method="simmim", simmim_head_depth=-1)
 
 
 @pytest.mark.parametrize("mim", ["simmim", "mae"])
@@ -292,3 +318,20 @@ def test_resume_refuses_other_settings_and_out_dir_reuse(tmp_path) -> None:
         pretrain(_config(tmp_path, steps=2))
     with pytest.raises(ValueError, match="batch_size"):
         pretrain(_config(tmp_path, steps=2, batch_size=4, resume=True))
+    other_head = ObjectiveConfig(method="simmim", **HEADS, simmim_head_depth=1)
+    with pytest.raises(ValueError, match=r"objective\.simmim_head_depth: 0 → 1"):
+        pretrain(_config(tmp_path, steps=2, objective=other_head, resume=True))
+
+
+def test_a_setting_the_train_state_predates_resumes_at_its_default_only(tmp_path) -> None:
+    """A train state written before an objective field existed resumes when the field holds its
+    default (what the code did then), and is refused when it is set to anything else."""
+    pretrain(_config(tmp_path, steps=2))
+    path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["objective"]["simmim_head_depth"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"objective\.simmim_head_depth: None → 2"):
+        block_head = ObjectiveConfig(method="simmim", **HEADS, simmim_head_depth=2)
+        pretrain(_config(tmp_path, steps=3, objective=block_head, resume=True))
+    assert pretrain(_config(tmp_path, steps=3, resume=True)).step == 3

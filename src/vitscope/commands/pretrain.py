@@ -146,9 +146,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--no-norm-pix-loss", action="store_true", help="MAE: raw instead of per-patch normalised pixel targets"
     )
-    m.add_argument("--decoder-dim", type=positive_int, default=128, help="MAE: decoder width")
+    m.add_argument(
+        "--simmim-head-depth",
+        type=non_negative_int,
+        default=0,
+        help="SimMIM: 0 = the official linear pixel head; N = N blocks (--decoder-dim/--decoder-heads) before it",
+    )
+    m.add_argument("--decoder-dim", type=positive_int, default=128, help="MAE (and SimMIM's block head): width")
     m.add_argument("--decoder-depth", type=positive_int, default=2, help="MAE: decoder blocks")
-    m.add_argument("--decoder-heads", type=positive_int, default=4, help="MAE: decoder attention heads")
+    m.add_argument("--decoder-heads", type=positive_int, default=4, help="MAE (and SimMIM's block head): heads")
     m.add_argument(
         "--crop-min-scale",
         type=AREA_FRACTION,
@@ -175,6 +181,7 @@ def build_config(args: argparse.Namespace):
         decoder_dim=args.decoder_dim,
         decoder_depth=args.decoder_depth,
         decoder_heads=args.decoder_heads,
+        simmim_head_depth=args.simmim_head_depth,
         crop_min_scale=args.crop_min_scale,
     )
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if args.method == "moco" else 0.05)

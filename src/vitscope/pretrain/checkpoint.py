@@ -270,10 +270,13 @@ def read_train_state(
     config: dict,
     resumable: Iterable[str],
     extra_keys: Iterable[str] = (),
+    defaults: dict | None = None,
 ) -> dict:
     """Read and check a ``train_state.pt`` before any work: a train state of ``format`` with every entry
     (the common ones and ``extra_keys``), a finite model, written with the same settings as ``config``
-    except ``resumable`` ones (a field the file predates counts as unchanged when it holds None).
+    except ``resumable`` ones. The nested settings named in ``defaults`` (``objective``) are compared
+    field by field; a field the file predates counts as unchanged when it holds None or its value in
+    ``defaults`` (a new field's default reproduces what the code did before the field existed).
 
     Raises:
         CheckpointError: (a ``ValueError``) naming the file and what was expected.
@@ -288,12 +291,32 @@ def read_train_state(
     if state["format"] != format:
         raise CheckpointError(f"{path}: expected {expected}, but its format is {state['format']!r}")
     _check_entries(path, state, expected)
-    saved, allowed = state["config"], set(resumable)
-    changed = sorted(k for k in config if k not in allowed and saved.get(k) != config[k])
+    nested = set(defaults or {})  # settings compared field by field
+    known = _flat(defaults or {}, nested)
+    saved, now, allowed = _flat(state["config"], nested), _flat(config, nested), set(resumable)
+
+    def unchanged(key: str) -> bool:
+        if key in saved:
+            return saved[key] == now[key]
+        return now[key] is None or (key in known and known[key] == now[key])
+
+    changed = sorted(k for k in now if k.split(".")[0] not in allowed and not unchanged(k))
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} → {config[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in changed)
         raise ValueError(f"{path}: cannot resume with different settings ({details})")
     return state
+
+
+def _flat(config: dict, nested: set[str]) -> dict:
+    """The ``nested`` settings spread one level: ``{"objective": {"method": "moco"}}`` ->
+    ``{"objective.method": "moco"}``; other settings (``model_kwargs``) stay whole."""
+    flat: dict = {}
+    for key, value in config.items():
+        if key in nested and isinstance(value, dict):
+            flat.update({f"{key}.{field}": inner for field, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _check_entries(path: Path, state: dict, expected: str) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "mae_pixel_targets",
     "random_masking",
     "simmim_mask",
+    "simmim_pixel_head",
     "moco_momentum",
     "MoCoV3",
     "SimMIM",
@@ -72,6 +73,7 @@ class ObjectiveConfig:
     decoder_dim: int = 128  # MAE light decoder (official ViT-B: 512 / 8 / 16)
     decoder_depth: int = 2
     decoder_heads: int = 4
+    simmim_head_depth: int = 0  # 0: SimMIM's linear head; N: N blocks of decoder_dim/heads before it
     crop_min_scale: float | None = None  # None: the recipe's own (see augment.default_crop_scale)
 
     def __post_init__(self) -> None:
@@ -88,6 +90,8 @@ class ObjectiveConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"ObjectiveConfig.{name} must be positive, got {value}")
+        if self.simmim_head_depth < 0:
+            raise ValueError(f"ObjectiveConfig.simmim_head_depth must be 0 or more, got {self.simmim_head_depth}")
 
 
 # -------------------------------------------------------------------------------------- the encoder
@@ -301,8 +305,26 @@ def simmim_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return (per_patch * mask).sum() / mask.sum().clamp_min(1e-5)
 
 
+def simmim_pixel_head(embed_dim: int, pixels: int, cfg: ObjectiveConfig) -> nn.Module:
+    """SimMIM's prediction head: one linear layer (the official recipe, ``simmim_head_depth`` 0), or
+    the heavier heads of SimMIM's head ablation: a linear embedding to ``decoder_dim``,
+    ``simmim_head_depth`` timm blocks, a LayerNorm and the linear pixel prediction. Tokens [B, N, C]
+    -> pixels [B, N, pixels]."""
+    if cfg.simmim_head_depth == 0:
+        return nn.Linear(embed_dim, pixels)
+    dim = cfg.decoder_dim
+    blocks = [Block(dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.simmim_head_depth)]
+    head = nn.Sequential(nn.Linear(embed_dim, dim), *blocks, nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, pixels))
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    return head
+
+
 class SimMIM(nn.Module):
-    """SimMIM: masked patches replaced by a learned mask token, a linear head predicts their pixels."""
+    """SimMIM: masked patches replaced by a learned mask token, a head (linear by default) predicts
+    their pixels."""
 
     method = "simmim"
 
@@ -319,7 +341,7 @@ class SimMIM(nn.Module):
         self.mask_scale = mask_patch // self.patch
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.pixel_head = nn.Linear(encoder.embed_dim, self.patch * self.patch * 3)
+        self.pixel_head = simmim_pixel_head(encoder.embed_dim, self.patch * self.patch * 3, cfg)
         self.view_spec = augment.mim_view_spec("simmim", self.image_size, cfg.crop_min_scale)
 
     def make_mask(self, batch: int, generator: torch.Generator) -> Tensor:

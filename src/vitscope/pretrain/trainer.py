@@ -275,7 +275,10 @@ def pretrain(cfg: TrainConfig) -> PretrainResult:
 
 def _pretrain(cfg: TrainConfig, env: DistEnv) -> PretrainResult:
     out, state_path = check_run_dir(cfg.out, cfg.resume)
-    saved = read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES) if cfg.resume else None
+    saved = None
+    if cfg.resume:
+        defaults = {"objective": dataclasses.asdict(ObjectiveConfig())}
+        saved = read_train_state(state_path, STATE_FORMAT, cfg.to_dict(), RESUMABLE_CHANGES, defaults=defaults)
 
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg.arch, cfg.model_kwargs, cfg.objective)
