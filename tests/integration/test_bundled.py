@@ -11,6 +11,7 @@ from tests.support.results import make_results, write_results_dir
 from vitscope import load_model
 from vitscope.cli import main
 from vitscope.models import cards as bundled
+from vitscope.report.claims import ClaimVerdict, summary_line
 
 NAMES = ("moco", "simmim", "mae", "hybrid")
 CARD_KEYS = {
@@ -75,7 +76,12 @@ def test_demo_runs_end_to_end_with_the_random_control(tmp_path, capsys):
     assert printed.count("Attention collapse") == 1  # one table, a line per finding
     assert "of 7 hold" in lines[-1] and lines[-1].endswith(f"; report: {out / 'report.html'}")  # the summary last
     assert lines[-2].startswith("with mae as MIM: ") and "of 7 hold" in lines[-2]  # all seven findings again
-    assert json.loads((out / "claims.json").read_text())["roles"]["mim"] == "simmim"  # the saved verdict stays
+    saved = json.loads((out / "claims.json").read_text())
+    assert saved["roles"]["mim"] == "simmim"  # the saved verdict stays
+    (with_mae,) = saved["others"]  # the verdict with MAE as MIM saved beside it, the other roles the same
+    assert with_mae["roles"] == {**saved["roles"], "mim": "mae"} and len(with_mae["verdicts"]) == 7
+    assert summary_line([ClaimVerdict(**v) for v in with_mae["verdicts"]]) in lines[-2]
+    assert "The same findings with CL = <b>moco</b>, MIM = <b>mae</b>" in (out / "report.html").read_text()
     with open(out / "metrics.csv", newline="") as fh:
         models = {row["model"] for row in csv.DictReader(fh)}
     assert models == {"moco", "simmim", "mae", "hybrid", "random"}  # the earlier run replaced whole

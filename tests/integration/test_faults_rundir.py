@@ -17,7 +17,7 @@ from tests.support.kill import run_stopped_at, start_frozen_at
 from tests.support.results import L, make_results, only, write_results_dir
 from tests.support.runs import TINY_VIT, image_folder
 from vitscope.cli import main
-from vitscope.report import load_claims
+from vitscope.report import Roles, load_claims, write_verdict
 from vitscope.report.claims import FAILS, HOLDS
 from vitscope.results import RunDirectory
 
@@ -163,11 +163,15 @@ def test_a_claims_json_of_another_run_is_evaluated_again_not_shown(tmp_path, cap
     )
     assert main(["claims", str(a), "--cl", "cl", "--mim", "mim"]) == 0
     assert load_claims(a).verdicts[1].status == HOLDS
+    write_verdict(a, Roles("cl", "mim"), [Roles("cl", "mim", hybrid="mim")])  # with a second set of roles
+    assert [other.verdicts[1].status for other in load_claims(a).others] == [HOLDS]
     shutil.copy(a / "claims.json", b / "claims.json")  # run a's verdict in run b
     capsys.readouterr()
     record = load_claims(b)
     assert f"was evaluated on run {run_id(a)}, not on this run ({run_id(b)})" in capsys.readouterr().err
     assert record.verdicts[1].status == FAILS  # b's own numbers: near-uniform attention, not collapse
+    (other,) = record.others  # the second roles judged again on b too
+    assert other.roles.hybrid == "mim" and other.verdicts[1].status == FAILS
 
 
 # -------------------------------------------------------------------------------------- two writers

@@ -4,6 +4,7 @@ that name the flag when a value is wrong, the thread setting, and printing a run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -273,21 +274,24 @@ def check_roles(roles: Mapping[str, str | None], labels: list[str], known: str =
 
 
 def verdict_and_report(
-    out_dir: Path, roles: Mapping[str, str | None], render: bool, before_summary: Sequence[str] = ()
+    out_dir: Path, roles: Mapping[str, str | None], render: bool, other_mims: Sequence[str] = ()
 ) -> None:
-    """Evaluate, save and print the claims (when CL and MIM are named) and render the report; then the
-    lines ``before_summary`` and, last, the one-line summary with the report's path."""
+    """Evaluate, save and print the claims (when CL and MIM are named; again with each of ``other_mims``
+    as the MIM model, saved beside them and printed as one line each) and render the report; last, the
+    one-line summary with the report's path."""
     from vitscope.report import Roles, format_claims_table, render_report, write_verdict
     from vitscope.report.claims import print_warnings, summary_line
 
     cl, mim = roles.get("cl"), roles.get("mim")
     record = None
     if cl and mim:
-        record = write_verdict(out_dir, Roles(cl, mim, control=roles.get("control"), hybrid=roles.get("hybrid")))
+        main_roles = Roles(cl, mim, control=roles.get("control"), hybrid=roles.get("hybrid"))
+        others = [dataclasses.replace(main_roles, mim=other) for other in other_mims]
+        record = write_verdict(out_dir, main_roles, others)
         print(format_claims_table(record.verdicts))
     report = f"report: {render_report(out_dir)}" if render else ""
-    for line in before_summary:
-        print(line)
+    for other in record.others if record is not None else ():
+        print(f"with {other.roles.mim} as MIM: {summary_line(other.verdicts)} (in claims.json and the report)")
     if record is None:
         if report:
             print(report)

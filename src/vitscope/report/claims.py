@@ -784,17 +784,20 @@ def print_warnings(verdicts: list[ClaimVerdict]) -> None:
 
 @dataclass(frozen=True)
 class ClaimsRecord:
-    """What ``claims.json`` holds: the roles, the tolerances and every verdict."""
+    """What ``claims.json`` holds: the roles, the tolerances and every verdict, and ``others``: the
+    same findings judged with other roles on the same run (the demo's: MAE as the MIM model)."""
 
     roles: Roles
     verdicts: list[ClaimVerdict]
     tolerance: Tolerance = Tolerance()
+    others: tuple[ClaimsRecord, ...] = ()
 
     def to_dict(self) -> dict:
         return {
             "roles": asdict(self.roles),
             "tolerance": asdict(self.tolerance),
             "verdicts": [v.to_dict() for v in self.verdicts],
+            "others": [other.to_dict() for other in self.others],
         }
 
     @classmethod
@@ -804,25 +807,36 @@ class ClaimsRecord:
             roles = Roles(**data["roles"])
             verdicts = [ClaimVerdict(**v) for v in data["verdicts"]]
             tolerance = Tolerance(**data.get("tolerance", {}))
-        except (KeyError, TypeError) as err:
+            others = tuple(cls.from_dict(other, source) for other in data.get("others", []))
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{source}: not a vitscope claims file ({err})") from err
         for v in verdicts:
             try:
                 outcome_of(v.status)
             except ValueError as err:
                 raise ValueError(f"{source}: {err}") from None
-        return cls(roles, verdicts, tolerance)
+        return cls(roles, verdicts, tolerance, others)
+
+    def evaluated_on(self, results: Results) -> ClaimsRecord:
+        """The same roles and tolerances (its ``others`` included) judged again on ``results``."""
+        fresh = evaluate_claims(results, **vars(self.roles), tolerance=self.tolerance)
+        return ClaimsRecord(self.roles, fresh, self.tolerance, tuple(o.evaluated_on(results) for o in self.others))
 
 
 def save_claims(
-    out_dir: str | Path, verdicts: list[ClaimVerdict], roles: Roles, tolerance: Tolerance = Tolerance()
+    out_dir: str | Path,
+    verdicts: list[ClaimVerdict],
+    roles: Roles,
+    tolerance: Tolerance = Tolerance(),
+    others: Iterable[ClaimsRecord] = (),
 ) -> Path:
-    """Write the results directory's ``claims.json`` (the roles, the tolerances, every verdict and the run id),
-    changing the committed run whole (:func:`vitscope.rundir.update_run`)."""
+    """Write the results directory's ``claims.json`` (the roles, the tolerances, every verdict, the
+    verdicts with ``others``' roles and the run id), changing the committed run whole
+    (:func:`vitscope.rundir.update_run`)."""
     from vitscope.rundir import update_run
 
     with update_run(out_dir) as run_dir:
-        run_dir.save_claims(ClaimsRecord(roles, verdicts, tolerance).to_dict())
+        run_dir.save_claims(ClaimsRecord(roles, verdicts, tolerance, tuple(others)).to_dict())
     return Path(out_dir) / RunDirectory.CLAIMS
 
 
@@ -841,6 +855,4 @@ def load_claims(out_dir: str | Path) -> ClaimsRecord | None:
         return record
     print(f"note: {source} was evaluated on run {data.get('run_id') or 'unknown'}, not on this run "
           f"({run_dir.run_id}); its claims are evaluated again on this run", file=sys.stderr)  # fmt: skip
-    results = run_dir.load_results()
-    fresh = evaluate_claims(results, **vars(record.roles), tolerance=record.tolerance)
-    return ClaimsRecord(record.roles, fresh, record.tolerance)
+    return record.evaluated_on(run_dir.load_results())

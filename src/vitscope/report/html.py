@@ -283,7 +283,22 @@ def claims_section(claims: ClaimsRecord | None) -> str:
         )
         return _section("claims", "The papers' claims", body)
     tol = claims.tolerance
-    role_text = ", ".join(f"{name.upper()} = <b>{_e(label)}</b>" for name, label in vars(claims.roles).items() if label)
+    body = (
+        f"<p>Roles: {_role_text(claims)}. Early = the first third of blocks, late = the last third. A difference "
+        f"counts when it exceeds {tol.stderr_factor:g} combined standard errors; two numbers are indistinguishable "
+        f"within that margin or {tol.rel:.0%} of their size; CL's probe must beat an untrained control by more "
+        f"than {tol.probe_points:g} points.</p>" + _verdict_table(claims)
+    )
+    for other in claims.others:
+        body += f"<h3>The same findings with {_role_text(other)}</h3>" + _verdict_table(other)
+    return _section("claims", "The papers' claims", body)
+
+
+def _role_text(claims: ClaimsRecord) -> str:
+    return ", ".join(f"{name.upper()} = <b>{_e(label)}</b>" for name, label in vars(claims.roles).items() if label)
+
+
+def _verdict_table(claims: ClaimsRecord) -> str:
     rows = [
         [
             _e(v.claim_id),
@@ -293,13 +308,7 @@ def claims_section(claims: ClaimsRecord | None) -> str:
         ]
         for v in claims.verdicts
     ]
-    body = (
-        f"<p>Roles: {role_text}. Early = the first third of blocks, late = the last third. A difference counts "
-        f"when it exceeds {tol.stderr_factor:g} combined standard errors; two numbers are indistinguishable "
-        f"within that margin or {tol.rel:.0%} of their size; CL's probe must beat an untrained control by more "
-        f"than {tol.probe_points:g} points.</p>" + _table(["#", "verdict", "claim", "evidence"], rows)
-    )
-    return _section("claims", "The papers' claims", body)
+    return _table(["#", "verdict", "claim", "evidence"], rows)
 
 
 def figure_html(figure: SavedFigure, png: bytes) -> str:

@@ -6,6 +6,7 @@ optional arrays and the optional verdict, all read through :class:`~vitscope.res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from vitscope.progress import progress_bar
@@ -28,12 +29,14 @@ def roles_from_meta(results: Results) -> Roles | None:
     return None
 
 
-def write_verdict(out_dir: str | Path, roles: Roles) -> ClaimsRecord:
-    """Evaluate the papers' claims on the saved results for ``roles`` and save ``claims.json``."""
+def write_verdict(out_dir: str | Path, roles: Roles, other_roles: Sequence[Roles] = ()) -> ClaimsRecord:
+    """Evaluate the papers' claims on the saved results for ``roles`` (and again for each of
+    ``other_roles``, kept as the record's ``others``) and save ``claims.json``."""
     results = RunDirectory(out_dir).check().load_results()
     verdicts = evaluate_claims(results, **vars(roles))
-    save_claims(out_dir, verdicts, roles)
-    return ClaimsRecord(roles, verdicts)
+    others = tuple(ClaimsRecord(other, evaluate_claims(results, **vars(other))) for other in other_roles)
+    save_claims(out_dir, verdicts, roles, others=others)
+    return ClaimsRecord(roles, verdicts, others=others)
 
 
 def _claims_for(
