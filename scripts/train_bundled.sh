@@ -4,7 +4,7 @@
 # Budgets in epochs of Fashion-MNIST's 60,000 training images (override per run: MOCO_EPOCHS=...,
 # SIMMIM_EPOCHS, MAE_EPOCHS, HYBRID_EPOCHS). Same architecture, batch and optimizer for every objective;
 # extra arguments per run (MOCO_ARGS, SIMMIM_ARGS, MAE_ARGS, HYBRID_ARGS, split into words) override the
-# recipe, e.g. MOCO_ARGS='--warmup-steps 94' HYBRID_ARGS='--warmup-steps 94' (a resumed run must be
+# recipe, e.g. MOCO_ARGS='--moco-t 0.1' (a resumed run must be
 # given the same ones).
 # Two lanes, one thread each (two one-thread processes train 1.3x faster than one two-thread process
 # on a 2-core machine), both at the lowest CPU priority so the machine stays usable:
@@ -41,13 +41,16 @@ train() {  # NAME EPOCHS ARGS...
 }
 
 # shellcheck disable=SC2086  # the *_ARGS are split into words on purpose
-moco() { train moco "${MOCO_EPOCHS:-12}" --method moco ${MOCO_ARGS:-}; }
+moco() { train moco "${MOCO_EPOCHS:-5}" --method moco "${CL_WARMUP[@]}" ${MOCO_ARGS:-}; }
 # shellcheck disable=SC2086
-hybrid() { train hybrid "${HYBRID_EPOCHS:-12}" --method hybrid --mim simmim --cl-weight 0.2 ${HYBRID_ARGS:-}; }
+hybrid() {
+  train hybrid "${HYBRID_EPOCHS:-5}" --method hybrid --mim simmim --cl-weight 0.5 "${CL_WARMUP[@]}" "${SIMMIM_HEAD[@]}" \
+    ${HYBRID_ARGS:-}
+}
 # shellcheck disable=SC2086
-simmim() { train simmim "${SIMMIM_EPOCHS:-30}" --method simmim ${SIMMIM_ARGS:-}; }
+simmim() { train simmim "${SIMMIM_EPOCHS:-12}" --method simmim "${SIMMIM_HEAD[@]}" ${SIMMIM_ARGS:-}; }
 # shellcheck disable=SC2086
-mae() { train mae "${MAE_EPOCHS:-30}" --method mae ${MAE_ARGS:-}; }
+mae() { train mae "${MAE_EPOCHS:-12}" --method mae ${MAE_ARGS:-}; }
 if [ "${LANES:-2}" = each ]; then
   for name in $ONLY; do "$name" & done
 else
