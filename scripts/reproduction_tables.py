@@ -3,8 +3,8 @@
     python scripts/reproduction_tables.py [--demo runs/demo] [--curves docs/figures/learning_curves_d6.csv]
                                           [--sweep runs/sweep-moco-a runs/sweep-moco-b]
 
-Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) the demo's effective rank and
-high-frequency Fourier Δ per block (the two metrics where one block can turn a late mean), (3)
+Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) the demo's per-block values of the
+metrics behind findings 1-4 (``--per-block``: rank, Fourier Δ, token cosine, entropy, distance, NMI), (3)
 late-block metrics against epochs from ``curves.csv`` (scripts/track_snapshots.py), (4) for each sweep
 directory, every variant's late-block metrics at its last snapshot. Numbers only: the page's text is written by hand.
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 from vitscope.results import Results, RunDirectory
 
 CURVE_METRICS = ("attention_distance", "nmi", "attention_entropy", "token_cosine", "effective_rank", "fourier_high")
+PER_BLOCK_DIGITS = {"effective_rank": 1, "fourier_high": 2, "token_cosine": 3, "attention_entropy": 2,
+                    "attention_distance": 1, "nmi": 3}  # fmt: skip
 HEADERS = ("distance (px)", "NMI", "entropy (nats)", "token cos", "eff. rank", "high-freq Δ")
 
 
@@ -87,12 +89,14 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=Path("docs/figures/learning_curves_d6.csv"))
     parser.add_argument("--epochs", type=float, nargs="*", default=[1, 2, 4, 6, 8, 10, 12, 16, 20, 25, 30])
     parser.add_argument("--sweep", type=Path, nargs="*", default=[])
+    parser.add_argument("--per-block", nargs="*", default=list(PER_BLOCK_DIGITS), help="metrics to tabulate per depth")
     args = parser.parse_args()
     header = ["run", "epoch", *HEADERS]
     if (args.demo / "metrics.csv").exists():
         results = RunDirectory(args.demo).load_results()
         print("linear probe top-1 (%), CLS token, per depth\n" + probe_table(results) + "\n")
-        for metric, digits in (("effective_rank", 1), ("fourier_high", 2)):
+        for metric in args.per_block:
+            digits = PER_BLOCK_DIGITS.get(metric, 3)
             print(f"{metric} per depth\n" + per_block_table(results, metric, digits) + "\n")
     if args.curves.exists():
         print("late blocks against epochs\n" + table(header, curve_rows(read_curves(args.curves), set(args.epochs))))
