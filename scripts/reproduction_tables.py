@@ -1,6 +1,6 @@
 """Markdown tables for docs/reproduction.md from a demo run and the training runs' learning curves.
 
-    python scripts/reproduction_tables.py [--demo runs/demo] [--curves docs/figures/learning_curves_d6.csv]
+    python scripts/reproduction_tables.py [--demo runs/demo] [--curves docs/figures/learning_curves.csv]
                                           [--sweep runs/sweep-moco-a runs/sweep-moco-b]
 
 Prints (1) the demo's per-layer linear-probe top-1 (CLS), (2) the demo's per-block values of the
@@ -86,7 +86,7 @@ def last_snapshots(late: dict[tuple[str, float], dict[str, float]]) -> dict[tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--curves", type=Path, default=Path("docs/figures/learning_curves_d6.csv"))
+    parser.add_argument("--curves", type=Path, default=Path("docs/figures/learning_curves.csv"))
     parser.add_argument("--epochs", type=float, nargs="*", default=[1, 2, 4, 6, 8, 10, 12, 16, 20, 25, 30])
     parser.add_argument("--sweep", type=Path, nargs="*", default=[])
     parser.add_argument("--per-block", nargs="*", default=list(PER_BLOCK_DIGITS), help="metrics to tabulate per depth")

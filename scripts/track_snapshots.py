@@ -11,7 +11,7 @@ RUNS_DIR/curves.csv): one row per (run, epoch, metric) with the mean over the la
 third) and over the early blocks (the first third; empty where only the late mean was recorded). An
 untrained model of the same architecture is measured too (run ``random``, epoch 0). Snapshots
 already in the curves file with every metric are not measured again, and its rows of runs that are
-no longer on disk are kept: the repository's ``docs/figures/learning_curves_d6.csv`` carries the curves
+no longer on disk are kept: the repository's ``docs/figures/learning_curves.csv`` carries the curves
 across machines, since run directories stay out of git. ``--plot`` draws the curves against epochs.
 
 This keeps the bundled models' curves file (and so docs/reproduction.md's tables) on its own images;
