@@ -4,8 +4,7 @@
 # Budgets in epochs of Fashion-MNIST's 60,000 training images (override per run: MOCO_EPOCHS=...,
 # SIMMIM_EPOCHS, MAE_EPOCHS, HYBRID_EPOCHS). Same architecture, batch and optimizer for every objective;
 # extra arguments per run (MOCO_ARGS, SIMMIM_ARGS, MAE_ARGS, HYBRID_ARGS, split into words) override the
-# recipe, e.g. MOCO_ARGS='--moco-t 0.1' (a resumed run must be
-# given the same ones).
+# recipe, e.g. MOCO_ARGS='--moco-t 0.1' (a resumed run must be given the same ones).
 # Two lanes, one thread each (two one-thread processes train 1.3x faster than one two-thread process
 # on a 2-core machine), both at the lowest CPU priority so the machine stays usable:
 #   lane 1: moco, then hybrid        lane 2: simmim, then mae
