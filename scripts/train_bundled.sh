@@ -40,10 +40,10 @@ train() {  # NAME EPOCHS ARGS...
 }
 
 # shellcheck disable=SC2086  # the *_ARGS are split into words on purpose
-moco() { train moco "${MOCO_EPOCHS:-5}" --method moco "${CL_WARMUP[@]}" ${MOCO_ARGS:-}; }
+moco() { train moco "${MOCO_EPOCHS:-5}" --method moco "${CL_SCHEDULE[@]}" ${MOCO_ARGS:-}; }
 # shellcheck disable=SC2086
 hybrid() {
-  train hybrid "${HYBRID_EPOCHS:-5}" --method hybrid --mim simmim --cl-weight 0.5 "${CL_WARMUP[@]}" "${SIMMIM_HEAD[@]}" \
+  train hybrid "${HYBRID_EPOCHS:-5}" --method hybrid --mim simmim --cl-weight 0.2 "${CL_SCHEDULE[@]}" "${SIMMIM_HEAD[@]}" \
     ${HYBRID_ARGS:-}
 }
 # shellcheck disable=SC2086
