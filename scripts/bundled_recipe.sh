@@ -11,5 +11,6 @@ RECIPE=(--model "$ARCH" --model-kwargs "$KWARGS" --data fashion-mnist --batch-si
 # official linear head, blocks 9-12 of the 12 turn into a pixel decoder.
 SIMMIM_HEAD=(--simmim-head-depth 2 --decoder-dim 128 --decoder-heads 4)
 # MoCo (alone and as the hybrid's CL half) warms up for 94 steps (a fifth of an epoch) to a peak learning
-# rate of 2e-3: at 1e-3 its late attention barely concentrates at depth 12 (docs/reproduction.md, "Levers").
+# rate of 2e-3: at 1e-3 its late attention barely concentrates at depth 12 (docs/reproduction.md,
+# "The CL recipe at depth 12").
 CL_SCHEDULE=(--warmup-steps 94 --lr 2e-3)
