@@ -25,6 +25,18 @@ def test_counts_below_one_name_the_flag(tmp_path, capsys, flag, count):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["analyze", "demo"])
+@pytest.mark.parametrize("value", ["0", "-5", "some"])
+def test_spectrum_groups_takes_a_count_or_all(tmp_path, capsys, command, value):
+    argv = [command, "--data", "fashion-mnist-subset", "--out", str(tmp_path / "o"), "--spectrum-groups", value]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--model", TINY] if command == "analyze" else argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --spectrum-groups: expected a positive integer or 'all', got {value!r}" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_missing_checkpoint_says_the_file_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "nope.pth"
     argv = ["analyze", "--model", f"file:{missing}", "--data", "fashion-mnist-subset", "--out", str(tmp_path / "o")]

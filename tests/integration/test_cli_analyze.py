@@ -161,3 +161,26 @@ def test_report_explorer_cap_is_a_flag(run_dir, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(out), "--explorer-mb", "0"])
     assert "argument --explorer-mb: must be in (0, ∞), got 0" in capsys.readouterr().err
+
+
+def test_spectrum_groups_flag_sets_the_images_behind_the_rank(run_dir, tmp_path):
+    out, data = run_dir
+    by_default = [r for r in read_csv(out / "metrics.csv") if r["metric"] == "effective_rank" and r["model"] == "cl"]
+    assert {int(r["n"]) for r in by_default} == {24}  # 12 groups of 2 ≤ the default 32 groups: every image
+    assert json.loads((out / "metrics.json").read_text())["meta"]["config"]["spectrum_groups"] == 32
+    few = tmp_path / "few"
+    argv = ["analyze", "--data", f"folder:{data}", "--out", str(few), "--num-images", "24", "--batch-size", "5",
+            "--metrics", "effective_rank,singular_values", "--model", f"cl={MODELS['cl']}"]  # fmt: skip
+    assert main([*argv, "--spectrum-groups", "3"]) == 0
+    rows = [r for r in read_csv(few / "metrics.csv") if r["metric"] == "effective_rank"]
+    assert rows and {int(r["n"]) for r in rows} == {6}  # the first 3 groups, one of them split between batches
+    api = analyze({"cl": MODELS["cl"]}, f"folder:{data}", AnalysisConfig(num_images=24, batch_size=24,
+                  analyses=["effective_rank"], spectrum_groups=3)).results  # fmt: skip
+    for row in rows:  # batch size 5 splits group 3 (images 4, 5); one batch of 24 gives the same ranks
+        (expected,) = api.select(metric="effective_rank", model="cl", layer=int(row["layer"]))
+        assert float(row["value"]) == pytest.approx(expected["value"], rel=1e-6)
+    assert main([*argv, "--spectrum-groups", "all", "--overwrite", "--num-images", "10"]) == 0
+    rows = [r for r in read_csv(few / "metrics.csv") if r["metric"] == "effective_rank"]
+    assert rows and {int(r["n"]) for r in rows} == {10}
+    with pytest.raises(ValueError, match="spectrum_groups"):
+        AnalysisConfig(spectrum_groups=0)

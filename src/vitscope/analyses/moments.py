@@ -15,7 +15,8 @@ soon as a block is reduced; nothing syncs with the host until :meth:`rows`. Rows
 
 ``value`` is the mean over images, ``stderr`` its standard error (sample std / sqrt(n)), ``n`` the
 image count. Singular values and effective rank are per group of k images (docs/metrics.md), over the
-first ``spectrum_groups`` groups only: their stderr is over groups, their ``n`` the images in them.
+first ``spectrum_groups`` groups only (default :data:`SPECTRUM_GROUPS`): their stderr is over groups,
+their ``n`` the images in them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "ALL_METRICS",
     "ATTENTION_METRICS",
     "BRANCH_METRICS",
+    "SPECTRUM_GROUPS",
     "AttentionReducer",
     "TokenCosineReducer",
     "HeadCosineReducer",
@@ -84,6 +86,10 @@ CURVE_METRICS = ("fourier_delta", "singular_values")
 ALL_METRICS = SCALAR_METRICS + CURVE_METRICS
 ATTENTION_METRICS = ("attention_distance", "nmi", "attention_entropy", "head_cosine")  # need attention capture
 BRANCH_METRICS = ("residual_ratio_attn", "residual_ratio_mlp")  # need the residual branches
+# Groups of consecutive test images whose spectra give singular_values and effective_rank (docs/metrics.md):
+# 32 groups of 2 = 64 images, enough to tell ranks a few units apart (4 images were not) at a cost that is
+# small beside the forward pass even for ViT-L (one eigendecomposition of a 2N × 2N Gram matrix per group).
+SPECTRUM_GROUPS = 32
 
 
 class AttentionReducer(MomentsReducer):
@@ -202,7 +208,11 @@ class SpectrumReducer(MomentsReducer):
     names = ("effective_rank", "singular_values")
 
     def __init__(
-        self, metrics: Iterable[str] | None = None, *, images_per_group: int = 2, max_groups: int | None = 2
+        self,
+        metrics: Iterable[str] | None = None,
+        *,
+        images_per_group: int = 2,
+        max_groups: int | None = SPECTRUM_GROUPS,
     ) -> None:
         super().__init__(metrics)
         if images_per_group < 1:
@@ -307,7 +317,7 @@ def metric_reducers(
     metrics: Iterable[str] | None = None,
     *,
     images_per_group: int = 2,
-    spectrum_groups: int | None = 2,
+    spectrum_groups: int | None = SPECTRUM_GROUPS,
 ) -> list[Reducer]:
     """The reducers that compute ``metrics`` (default: all of :data:`ALL_METRICS`) for a model.
 
@@ -336,7 +346,7 @@ def analyze_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     images_per_group: int = 2,
-    spectrum_groups: int | None = 2,
+    spectrum_groups: int | None = SPECTRUM_GROUPS,
     extra_reducers: Sequence[Reducer] = (),
     progress: str | None = "metrics",
 ) -> Results:

@@ -30,7 +30,7 @@ from vitscope.analyses.checkpoint import SuiteCheckpoint, array_digest, run_iden
 from vitscope.analyses.cka import CKAReducer, CrossModelCKA
 from vitscope.analyses.driver import ModelPass, run_lockstep
 from vitscope.analyses.localisation import SpatialLocalisation
-from vitscope.analyses.moments import ALL_METRICS, metric_reducers
+from vitscope.analyses.moments import ALL_METRICS, SPECTRUM_GROUPS, metric_reducers
 from vitscope.analyses.noise import noise_robustness
 from vitscope.analyses.preflight import ModelShape, RunPlan, check_control, plan_run, split_notes
 from vitscope.analyses.probes import FeatureBank, LinearProbes, ProbeConfig, linear_probe
@@ -92,6 +92,8 @@ class AnalysisConfig:
             report's attention explorer (uint8 rows: images × blocks × heads × N² bytes per model).
         precision: ``fp32``, or ``bf16`` for a bfloat16 autocast forward pass (every metric is still
             accumulated in float32/float64; docs/metrics.md states the error it adds).
+        spectrum_groups: groups of 2 consecutive test images whose spectra give ``singular_values`` and
+            ``effective_rank`` (the first ones); None: every group.
     """
 
     num_images: int = 512
@@ -109,6 +111,7 @@ class AnalysisConfig:
     attention_images: int = 3
     num_workers: int | None = None
     precision: str = "fp32"
+    spectrum_groups: int | None = SPECTRUM_GROUPS
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
@@ -122,6 +125,11 @@ class AnalysisConfig:
         if not math.isfinite(self.noise_relative_norm) or self.noise_relative_norm < 0:
             raise ValueError(
                 f"AnalysisConfig.noise_relative_norm must be a finite number ≥ 0, got {self.noise_relative_norm}"
+            )
+        if self.spectrum_groups is not None and (not isinstance(self.spectrum_groups, int) or self.spectrum_groups < 1):
+            raise ValueError(
+                f"AnalysisConfig.spectrum_groups must be a positive integer or None (every group), "
+                f"got {self.spectrum_groups!r}"
             )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"AnalysisConfig.seed must be a non-negative integer, got {self.seed!r}")
@@ -187,7 +195,8 @@ def _load_models(models: Mapping[str, nn.Module | str], device: str) -> list[_Mo
 def _attach_reducers(models: list[_Model], wanted: set[str], config: AnalysisConfig) -> None:
     for entry in models:
         facts, reducers = entry.run.capture.facts, entry.run.reducers
-        reducers.extend(metric_reducers(facts, [m for m in ALL_METRICS if m in wanted]))
+        asked = [m for m in ALL_METRICS if m in wanted]
+        reducers.extend(metric_reducers(facts, asked, spectrum_groups=config.spectrum_groups))
         if "linear_probe" in wanted:
             entry.test_bank = FeatureBank()
             reducers.append(entry.test_bank)

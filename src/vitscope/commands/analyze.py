@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
+from vitscope.analyses.moments import SPECTRUM_GROUPS
 from vitscope.commands.common import (
     ROLE_NAMES,
     CommandError,
@@ -21,6 +22,7 @@ from vitscope.commands.common import (
     require_device,
     set_threads,
     skipped_summary,
+    spectrum_groups,
     verdict_and_report,
 )
 from vitscope.commands.runs import (
@@ -72,6 +74,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=0.5,
         help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--spectrum-groups",
+        type=spectrum_groups,
+        default=SPECTRUM_GROUPS,
+        help="groups of 2 test images (the first ones) whose spectra give singular_values and effective_rank, "
+        "or 'all' (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument(
@@ -163,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         attention_images=args.attention_images,
         num_workers=args.workers,
         noise_relative_norm=args.noise_norm,
+        spectrum_groups=args.spectrum_groups,
     )
     config.wanted()  # unknown analysis names fail before any model is loaded
     identity = identity_of(models, args.data, config)

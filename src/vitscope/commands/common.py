@@ -21,6 +21,7 @@ __all__ = [
     "non_negative_float",
     "fraction",
     "device_name",
+    "spectrum_groups",
     "require_device",
     "check_roles",
     "json_object",
@@ -90,6 +91,16 @@ def finite_float(
 positive_float = finite_float(0.0, low_open=True)
 non_negative_float = finite_float(0.0)
 fraction = finite_float(0.0, 1.0)
+
+
+def spectrum_groups(text: str) -> int | None:
+    """argparse type for ``--spectrum-groups``: a positive number of groups, or ``all`` (None: every group)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
 def device_name(text: str) -> str:

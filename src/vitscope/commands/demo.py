@@ -16,12 +16,14 @@ from pathlib import Path
 
 from vitscope.analyses import AnalysisConfig
 from vitscope.analyses.checkpoint import DEFAULT_EVERY, SuiteCheckpoint
+from vitscope.analyses.moments import SPECTRUM_GROUPS
 from vitscope.commands.common import (
     CommandError,
     device_name,
     non_negative_int,
     positive_int,
     require_device,
+    spectrum_groups,
     verdict_and_report,
 )
 from vitscope.commands.runs import analyze_into, commit_run, report_after_commit
@@ -43,6 +45,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--probe-images", type=positive_int, default=2000, help="probe train images (default: %(default)s)"
     )
     parser.add_argument("--noise-images", type=positive_int, default=250, help="test images scored under noise")
+    parser.add_argument(
+        "--spectrum-groups",
+        type=spectrum_groups,
+        default=SPECTRUM_GROUPS,
+        help="groups of 2 test images whose spectra give the effective rank, or 'all' (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=125, help="images per forward pass")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice, probes and t-SNE")
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=str(init_distributed(args.device).device),
         seed=args.seed,
+        spectrum_groups=args.spectrum_groups,
     )
     out_dir = Path(args.out)
     with RunWriter(out_dir, overwrite=not args.resume, resume=args.resume) as writer:  # a rerun replaces it whole
