@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-at-once", type=int, default=2, help="training runs that shared the CPU (the card says)")
     args = parser.parse_args(argv)
     runs, dest = Path(args.runs), Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)  # a --dest for a pilot's card need not exist yet
     commands = read_commands(runs / "commands.tsv")
     for name in args.names:
         if not (runs / name / "encoder.safetensors").exists():

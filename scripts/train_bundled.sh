@@ -40,7 +40,10 @@ train() {  # NAME EPOCHS ARGS...
 }
 
 # shellcheck disable=SC2086  # the *_ARGS are split into words on purpose
-moco() { train moco "${MOCO_EPOCHS:-5}" --method moco "${CL_SCHEDULE[@]}" ${MOCO_ARGS:-}; }
+# MoCo freezes its patch projection (MoCo v3's ViT recipe) and trains 2 epochs: over a longer schedule
+# it gives back much of its late-layer collapse as the learning rate decays (docs/reproduction.md,
+# "The CL recipe at depth 12"). The hybrid keeps a trained projection and 5 epochs.
+moco() { train moco "${MOCO_EPOCHS:-2}" --method moco "${CL_SCHEDULE[@]}" --freeze-patch-embed ${MOCO_ARGS:-}; }
 # shellcheck disable=SC2086
 hybrid() {
   train hybrid "${HYBRID_EPOCHS:-5}" --method hybrid --mim simmim --cl-weight 0.2 "${CL_SCHEDULE[@]}" "${SIMMIM_HEAD[@]}" \
