@@ -88,7 +88,8 @@ ATTENTION_METRICS = ("attention_distance", "nmi", "attention_entropy", "head_cos
 BRANCH_METRICS = ("residual_ratio_attn", "residual_ratio_mlp")  # need the residual branches
 # Groups of consecutive test images whose spectra give singular_values and effective_rank (docs/metrics.md):
 # 32 groups of 2 = 64 images, enough to tell ranks a few units apart (4 images were not) at a cost that is
-# small beside the forward pass even for ViT-L (one eigendecomposition of a 2N × 2N Gram matrix per group).
+# small beside the forward pass even for ViT-L (per group and layer, one eigendecomposition of the smaller
+# Gram matrix of its 2N × C tokens).
 SPECTRUM_GROUPS = 32
 
 
