@@ -10,10 +10,10 @@ import sys
 from typing import Any
 
 from vitscope.analyses import ALL_ANALYSES, AnalysisConfig, analyze
-from vitscope.analyses.moments import SPECTRUM_GROUPS
 from vitscope.commands.common import (
     ROLE_NAMES,
     CommandError,
+    add_spectrum_groups_argument,
     check_roles,
     device_name,
     non_negative_float,
@@ -22,7 +22,6 @@ from vitscope.commands.common import (
     require_device,
     set_threads,
     skipped_summary,
-    spectrum_groups,
     verdict_and_report,
 )
 from vitscope.commands.runs import (
@@ -75,13 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="noise RMS per input value in the model's normalised input space (default: %(default)s)",
     )
-    parser.add_argument(
-        "--spectrum-groups",
-        type=spectrum_groups,
-        default=SPECTRUM_GROUPS,
-        help="groups of 2 test images (the first ones) whose spectra give singular_values and effective_rank, "
-        "or 'all' (default: %(default)s)",
-    )
+    add_spectrum_groups_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument(
         "--device",

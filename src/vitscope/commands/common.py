@@ -21,7 +21,7 @@ __all__ = [
     "non_negative_float",
     "fraction",
     "device_name",
-    "spectrum_groups",
+    "add_spectrum_groups_argument",
     "require_device",
     "check_roles",
     "json_object",
@@ -93,7 +93,7 @@ non_negative_float = finite_float(0.0)
 fraction = finite_float(0.0, 1.0)
 
 
-def spectrum_groups(text: str) -> int | None:
+def _spectrum_groups(text: str) -> int | None:
     """argparse type for ``--spectrum-groups``: a positive number of groups, or ``all`` (None: every group)."""
     if text.strip().lower() == "all":
         return None
@@ -211,6 +211,19 @@ def add_tracking_arguments(group: argparse._ActionsContainer, *, subject: str) -
         type=positive_int,
         default=64,
         help="held-out images of the per-token metrics when tracking (default: %(default)s; kNN uses 512)",
+    )
+
+
+def add_spectrum_groups_argument(parser: argparse._ActionsContainer) -> None:
+    """``--spectrum-groups G|all`` (``analyze``, ``demo``): how many groups feed the spectrum metrics."""
+    from vitscope.analyses.moments import SPECTRUM_GROUPS  # not at import: it loads torch
+
+    parser.add_argument(
+        "--spectrum-groups",
+        type=_spectrum_groups,
+        default=SPECTRUM_GROUPS,
+        help="groups of 2 test images (the first ones) whose spectra give singular_values and effective_rank, "
+        "or 'all' (default: %(default)s)",
     )
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 from vitscope.analyses import AnalysisConfig
 from vitscope.analyses.checkpoint import DEFAULT_EVERY, SuiteCheckpoint
-from vitscope.analyses.moments import SPECTRUM_GROUPS
 from vitscope.commands.common import (
     CommandError,
+    add_spectrum_groups_argument,
     device_name,
     non_negative_int,
     positive_int,
     require_device,
-    spectrum_groups,
     verdict_and_report,
 )
 from vitscope.commands.runs import analyze_into, commit_run, report_after_commit
@@ -45,12 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--probe-images", type=positive_int, default=2000, help="probe train images (default: %(default)s)"
     )
     parser.add_argument("--noise-images", type=positive_int, default=250, help="test images scored under noise")
-    parser.add_argument(
-        "--spectrum-groups",
-        type=spectrum_groups,
-        default=SPECTRUM_GROUPS,
-        help="groups of 2 test images whose spectra give the effective rank, or 'all' (default: %(default)s)",
-    )
+    add_spectrum_groups_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=125, help="images per forward pass")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the image choice, probes and t-SNE")
